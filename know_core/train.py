@@ -1,0 +1,203 @@
+"""Training loops and forgetting trajectories (method §2-3).
+
+`forgetting_trajectory` yields flat weight snapshots one stage at a time, so the caller
+can stream each to storage as soon as it exists:
+
+    sequential   Θ0 = the start weights (pre-trained, or trained here on D0);
+                 Θk = FineTune(Θk-1 on Dk)                    (method §2, the target model)
+    independent  Θk = FineTune(Θinit on Dk) for every k       (the release's meta-data set)
+
+Example:
+    >>> from know_core.data import load_dataset
+    >>> from know_core.models import build_model
+    >>> ds = load_dataset("digits")
+    >>> model = build_model("simple-cnn", 1, 10, 8)
+    >>> cfg = TrajectoryConfig(r=0.5, stages=3, lr=1e-3, batch_size=32, seed=0)
+    >>> snaps = list(forgetting_trajectory(model, ds, cfg))
+    >>> [k for k, _ in snaps]
+    [0, 1, 2]
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageData, nested_subsets, subset_sizes
+from .layout import flatten_state, param_layout
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when there is one, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The release's light augmentation: rotate ±10°, shift ±15 %, zoom ±30 %, no flip."""
+    n = x.shape[0]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, device=gen.device)
+    angle = u(-10.0, 10.0) * math.pi / 180
+    zoom = u(0.7, 1.3)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, u(-0.3, 0.3)], 1), torch.stack([sin, cos, u(-0.3, 0.3)], 1)], 1
+    )  # shifts are in [-1, 1] grid units: 0.3 = 15 % of the image
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3  # Adam, as in the release
+    batch_size: int = 128
+    epochs: int = 1  # per stage: the release fine-tunes 1 epoch per subset
+    seed: int = 0  # data order and augmentation
+    augment: bool = False  # release augmentation; off by default (costly on 2 CPU cores)
+    device: str = "auto"
+
+
+def train_epochs(
+    model: nn.Module,
+    data: ImageData,
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> float:
+    """Adam on cross-entropy, seeded data order. Returns the last epoch's mean loss."""
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    x_all, y_all = data.x, data.y
+    mean_loss = float("nan")
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(y_all), generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, len(perm), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            if cfg.augment:
+                x = augment_batch(x, aug_gen)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        mean_loss = total / max(count, 1)
+        if on_epoch:
+            on_epoch(epoch, mean_loss)
+    return mean_loss
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageData, batch_size: int = 512, device: str = "auto") -> float:
+    dev = pick_device(device)
+    model.to(dev).eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        out = model(data.x[start : start + batch_size].to(dev))
+        correct += (out.argmax(1).cpu() == data.y[start : start + batch_size]).sum().item()
+    return correct / max(len(data), 1)
+
+
+@dataclass
+class TrajectoryConfig:
+    r: float = 0.5  # |Dk| = r^k |D0|
+    stages: int = 5  # snapshots Θ0..Θ(S-1)
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs_per_stage: int = 1
+    seed: int = 0  # subset shuffle, data order, init
+    mode: str = "sequential"  # or "independent"
+    augment: bool = False
+    device: str = "auto"
+
+    def validate(self, n_data: int) -> None:
+        """Raise a one-line ValueError for a config that cannot produce a trajectory."""
+        if not 0.0 < self.r < 1.0:
+            raise ValueError(f"sampling rate r={self.r} is out of range; it must satisfy 0 < r < 1")
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} is too few; a trajectory needs at least 2 stages")
+        if self.mode not in ("sequential", "independent"):
+            raise ValueError(f"mode {self.mode!r} is unknown; use 'sequential' or 'independent'")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be positive")
+        smallest = subset_sizes(n_data, self.r, self.stages)[-1]
+        if self.batch_size < 1 or self.batch_size > smallest:
+            raise ValueError(
+                f"batch size {self.batch_size} is larger than the smallest subset ({smallest} of {n_data} "
+                f"images at r={self.r}, {self.stages} stages); lower --batch-size, raise r or use fewer stages"
+            )
+
+
+def forgetting_trajectory(
+    model: nn.Module,
+    data: ImageData,
+    cfg: TrajectoryConfig,
+    start_trained: bool = False,
+    on_progress: Callable[[int, float], None] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (stage, flat float32 weights) for stages 0..S-1, one at a time.
+
+    `model` holds the start weights. In sequential mode with `start_trained=True` it is Θ0
+    itself (a pre-trained model); otherwise stage 0 trains it on the full data first.
+    In independent mode every stage trains a fresh copy of the start weights on Dk.
+    """
+    cfg.validate(len(data))
+    layout = param_layout(model)
+    subsets = nested_subsets(len(data), cfg.r, cfg.stages, cfg.seed)
+    init_state = copy.deepcopy(model.state_dict())
+    for k, idx in enumerate(subsets):
+        tcfg = TrainConfig(cfg.lr, cfg.batch_size, cfg.epochs_per_stage, cfg.seed * 1000 + k, cfg.augment, cfg.device)
+        if cfg.mode == "independent":
+            model.load_state_dict(init_state)
+            loss = train_epochs(model, data.take(idx), tcfg)
+        elif k == 0 and start_trained:
+            loss = float("nan")
+        else:
+            loss = train_epochs(model, data.take(idx), tcfg)
+        if on_progress:
+            on_progress(k, loss)
+        yield k, flatten_state(model.state_dict(), layout)
+
+
+@dataclass
+class SweepRanges:
+    """Per-trajectory random hyper-parameters of the release (method §3)."""
+
+    r_min: float = 0.3
+    r_max: float = 0.9
+    lr_min: float = 1e-5
+    lr_max: float = 4e-3
+    batch_min: int = 32
+    batch_max: int = 256  # the release's upper bound N·r^(S-1) is capped to keep CPU epochs short
+
+
+def sample_hyperparameters(n_data: int, stages: int, ranges: SweepRanges, rng: np.random.Generator) -> tuple[float, float, int]:
+    """Draw (r, lr, batch) so that the smallest subset still holds one batch.
+
+    r is drawn from U(max(r_min, r_floor), r_max), where r_floor makes N·r^(S-1) >= batch_min;
+    the batch is drawn from U(batch_min, min(batch_max, N·r^(S-1))).
+    """
+    r_floor = (ranges.batch_min / n_data) ** (1.0 / max(stages - 1, 1)) + 1e-6
+    lo = max(ranges.r_min, r_floor)
+    if lo > ranges.r_max:
+        raise ValueError(
+            f"{n_data} images cannot give {stages} stages with a batch of {ranges.batch_min} "
+            f"at r <= {ranges.r_max}; use fewer stages or a larger data set"
+        )
+    r = float(rng.uniform(lo, ranges.r_max)) if ranges.r_max > lo else lo
+    lr = float(rng.uniform(ranges.lr_min, ranges.lr_max))
+    smallest = subset_sizes(n_data, r, stages)[-1]
+    hi = max(ranges.batch_min, min(ranges.batch_max, smallest))
+    batch = int(rng.integers(min(ranges.batch_min, hi), hi + 1))
+    return r, lr, batch

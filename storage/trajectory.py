@@ -1,0 +1,286 @@
+"""The Zarr v3 trajectory store: the only code that knows Zarr paths and layout.
+
+Layout of a store (a local path or any fsspec URL, e.g. ``s3://bucket/prefix``)::
+
+    runs/<run_id>/weights                 float32 (n_stages, n_params), chunks (1, chunk)
+                                          row k = stage k (stage 0 = full data)
+    runs/<run_id>            attrs        status, mode, model, dataset, sampling_rate, lr,
+                                          batch_size, epochs_per_stage, seed,
+                                          stage_subset_sizes, layout, created_at, versions, ...
+    checkpoints/<ckpt_id>/weights         float32 (n_params,): pre-trained start points
+    predictions/<run_id>/<predictor>/weights   float32 (n_steps, n_params)
+
+Rows are preallocated and written one whole stage at a time as each snapshot is produced
+(a row spans whole chunks, so one writer per run never shares a chunk with another).
+`stages_written` counts the rows that hold data; `status` goes running -> complete, or
+failed with the error. A run that is not `complete` is wiped and restarted by `begin_run`.
+
+Example:
+    >>> store = TrajectoryStore("/tmp/example.zarr")
+    >>> store.list_runs()  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from know_core.layout import TensorSpec, layout_from_json, layout_size, layout_to_json
+
+#: default chunk length along the parameter axis (4 MiB of float32)
+DEFAULT_CHUNK = 1 << 20
+
+RUNS, CHECKPOINTS, PREDICTIONS = "runs", "checkpoints", "predictions"
+
+
+class StoreError(ValueError):
+    """A problem with the store or a run in it; the message is one actionable line."""
+
+
+def config_hash(config: dict[str, Any], length: int = 16) -> str:
+    """Stable id of a config: sha256 of its canonical JSON."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def versions() -> dict[str, str]:
+    """Package versions and git commit recorded with every run (provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("know-pipeline", "torch", "zarr", "numpy", "prefect"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    head = Path(__file__).resolve().parents[1] / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref = (head.parent / ref[5:]).read_text().strip()
+        out["git_commit"] = ref
+    except OSError:
+        pass
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+class TrajectoryStore:
+    """A handle on one store. Cheap to create; safe to create in every worker."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None, chunk: int = DEFAULT_CHUNK,
+                 compressors: Any = None):
+        self.url = str(url)
+        if not _is_url(self.url):
+            p = Path(self.url.removeprefix("file://"))
+            if p.exists() and not p.is_dir():
+                raise StoreError(f"store path {p} is a file, not a Zarr store; pass a directory path or URL")
+            self.url = str(p)
+        if storage_options is None and self.url.startswith("s3://"):
+            storage_options = s3_options_from_env()
+        self.storage_options = storage_options
+        self.chunk = int(chunk)
+        self.compressors = compressors  # None: uncompressed (float weights barely compress)
+        try:
+            self.root = zarr.open_group(self.url, mode="a", storage_options=storage_options)
+        except Exception as e:  # noqa: BLE001 - one line for any backend failure
+            raise StoreError(f"cannot open store {self.url}: {type(e).__name__}: {e}") from e
+
+    # -- groups ---------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the parent groups; call once before fanning out writers."""
+        for name in (RUNS, CHECKPOINTS, PREDICTIONS):
+            self.root.require_group(name)
+
+    def _group(self, path: str) -> zarr.Group | None:
+        try:
+            node = self.root[path]
+        except KeyError:
+            return None
+        return node if isinstance(node, zarr.Group) else None
+
+    def _array(self, path: str, shape: tuple[int, ...], attrs: dict, fill=np.nan) -> zarr.Array:
+        chunks = (1,) * (len(shape) - 1) + (min(self.chunk, max(shape[-1], 1)),)
+        return self.root.create_array(
+            path, shape=shape, chunks=chunks, dtype="float32", fill_value=fill,
+            compressors=self.compressors, attributes=attrs, overwrite=True,
+        )
+
+    def _delete(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        grp = self.root[parent] if parent else self.root
+        if name in grp:
+            del grp[name]
+
+    # -- runs -----------------------------------------------------------------------
+    def run_attrs(self, run_id: str) -> dict[str, Any] | None:
+        g = self._group(f"{RUNS}/{run_id}")
+        return None if g is None else dict(g.attrs)
+
+    def run_status(self, run_id: str) -> str | None:
+        attrs = self.run_attrs(run_id)
+        return None if attrs is None else attrs.get("status")
+
+    def require_run(self, run_id: str, complete: bool = True) -> dict[str, Any]:
+        attrs = self.run_attrs(run_id)
+        if attrs is None:
+            raise StoreError(f"run {run_id!r} does not exist in store {self.url}; list runs with `know runs --store {self.url}`")
+        if complete and attrs.get("status") != "complete":
+            raise StoreError(f"run {run_id!r} is {attrs.get('status')!r}, not complete; finish it with `know collect` first")
+        return attrs
+
+    def begin_run(self, run_id: str, attrs: dict[str, Any], layout: list[TensorSpec], n_stages: int) -> zarr.Array:
+        """(Re)create a run in state `running`, wiping any incomplete earlier attempt."""
+        if self.run_status(run_id) == "complete":
+            raise StoreError(f"run {run_id} is already complete; refusing to overwrite it")
+        self.root.require_group(RUNS)
+        self._delete(f"{RUNS}/{run_id}")
+        group = self.root.create_group(f"{RUNS}/{run_id}")
+        arr = self._array(f"{RUNS}/{run_id}/weights", (n_stages, layout_size(layout)), {})
+        group.attrs.update({
+            **attrs, "run_id": run_id, "status": "running", "stages_written": 0,
+            "n_stages": n_stages, "n_params": layout_size(layout), "layout": json.loads(layout_to_json(layout)),
+            "created_at": _now(), "versions": versions(),
+        })
+        return arr
+
+    def append_stage(self, run_id: str, stage: int, vector: np.ndarray) -> None:
+        """Write one whole snapshot row; stages must arrive in order."""
+        group = self.root[f"{RUNS}/{run_id}"]
+        written = group.attrs["stages_written"]
+        if stage != written:
+            raise StoreError(f"run {run_id}: got stage {stage}, expected stage {written}")
+        group["weights"][stage, :] = np.asarray(vector, dtype=np.float32)
+        group.attrs["stages_written"] = stage + 1
+
+    def finish_run(self, run_id: str, **extra: Any) -> None:
+        group = self.root[f"{RUNS}/{run_id}"]
+        if group.attrs["stages_written"] != group.attrs["n_stages"]:
+            raise StoreError(f"run {run_id}: {group.attrs['stages_written']} of {group.attrs['n_stages']} stages written")
+        group.attrs.update({**extra, "status": "complete", "completed_at": _now()})
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        g = self._group(f"{RUNS}/{run_id}")
+        if g is not None and g.attrs.get("status") != "complete":
+            g.attrs.update({"status": "failed", "error": error[:2000], "failed_at": _now()})
+
+    def run_ids(self) -> list[str]:
+        g = self._group(RUNS)
+        return sorted(g.group_keys()) if g is not None else []
+
+    def list_runs(self) -> pd.DataFrame:
+        """One row per run with its attrs (the layout is left out; use `layout()`)."""
+        rows = []
+        for run_id in self.run_ids():
+            attrs = self.run_attrs(run_id) or {}
+            attrs.pop("layout", None)
+            rows.append({"run_id": run_id, **attrs})
+        return pd.DataFrame(rows)
+
+    def layout(self, run_id: str) -> list[TensorSpec]:
+        return layout_from_json(self.require_run(run_id, complete=False)["layout"])
+
+    def weights(self, run_id: str) -> zarr.Array:
+        return self.root[f"{RUNS}/{run_id}/weights"]
+
+    def trajectory(self, run_id: str):
+        """The run's (n_stages, n_params) trajectory as a lazy dask array."""
+        import dask.array as da
+
+        return da.from_zarr(self.weights(run_id))
+
+    def read_stages(self, run_id: str, stages=slice(None)) -> np.ndarray:
+        return np.asarray(self.weights(run_id)[stages, :])
+
+    def read_tensor(self, run_id: str, spec: TensorSpec, stages=slice(None)) -> np.ndarray:
+        """Rows `stages` of one tensor, (n, size): reads only the chunks that hold it."""
+        return np.asarray(self.weights(run_id)[stages, spec.offset : spec.stop])
+
+    def iter_blocks(self, run_id: str, layout: list[TensorSpec], stages, max_values: int) -> Iterator[tuple[TensorSpec, int, np.ndarray]]:
+        """Yield (spec, start, block) with block (n_stages, <= max_values) of one tensor.
+
+        Memory stays bounded by `max_values`, whatever the size of the model.
+        """
+        arr = self.weights(run_id)
+        for spec in layout:
+            for start in range(0, spec.size, max_values):
+                stop = min(spec.size, start + max_values)
+                yield spec, start, np.asarray(arr[stages, spec.offset + start : spec.offset + stop])
+
+    # -- checkpoints (pre-trained start points) ------------------------------------------
+    def checkpoint_attrs(self, ckpt_id: str) -> dict[str, Any] | None:
+        g = self._group(f"{CHECKPOINTS}/{ckpt_id}")
+        return None if g is None else dict(g.attrs)
+
+    def save_checkpoint(self, ckpt_id: str, vector: np.ndarray, layout: list[TensorSpec], attrs: dict[str, Any]) -> None:
+        self.root.require_group(CHECKPOINTS)
+        self._delete(f"{CHECKPOINTS}/{ckpt_id}")
+        g = self.root.create_group(f"{CHECKPOINTS}/{ckpt_id}")
+        arr = self._array(f"{CHECKPOINTS}/{ckpt_id}/weights", (1, layout_size(layout)), {})
+        arr[0, :] = np.asarray(vector, dtype=np.float32)
+        g.attrs.update({**attrs, "layout": json.loads(layout_to_json(layout)), "created_at": _now(),
+                        "versions": versions(), "status": "complete"})
+
+    def load_checkpoint(self, ckpt_id: str) -> tuple[np.ndarray, list[TensorSpec], dict[str, Any]]:
+        attrs = self.checkpoint_attrs(ckpt_id)
+        if attrs is None or attrs.get("status") != "complete":
+            raise StoreError(f"checkpoint {ckpt_id!r} not found in store {self.url}")
+        vec = np.asarray(self.root[f"{CHECKPOINTS}/{ckpt_id}/weights"][0, :])
+        return vec, layout_from_json(attrs.pop("layout")), attrs
+
+    # -- predictions ----------------------------------------------------------------
+    def prediction_path(self, run_id: str, predictor: str) -> str:
+        return f"{PREDICTIONS}/{run_id}/{predictor}"
+
+    def prediction_attrs(self, run_id: str, predictor: str) -> dict[str, Any] | None:
+        g = self._group(self.prediction_path(run_id, predictor))
+        return None if g is None else dict(g.attrs)
+
+    def begin_prediction(self, run_id: str, predictor: str, n_steps: int, n_params: int, attrs: dict[str, Any]) -> zarr.Array:
+        path = self.prediction_path(run_id, predictor)
+        self.root.require_group(f"{PREDICTIONS}/{run_id}")
+        self._delete(path)
+        g = self.root.create_group(path)
+        arr = self._array(f"{path}/weights", (n_steps, n_params), {})
+        g.attrs.update({**attrs, "run_id": run_id, "predictor": predictor, "status": "running",
+                        "created_at": _now(), "versions": versions()})
+        return arr
+
+    def finish_prediction(self, run_id: str, predictor: str, **extra: Any) -> None:
+        self.root[self.prediction_path(run_id, predictor)].attrs.update({**extra, "status": "complete"})
+
+    def drop_prediction(self, run_id: str, predictor: str) -> None:
+        self._delete(self.prediction_path(run_id, predictor))
+
+    def read_prediction(self, run_id: str, predictor: str, step: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Prediction row `step` (1-based: step 1 = the first x(1/r) factor)."""
+        attrs = self.prediction_attrs(run_id, predictor)
+        if attrs is None or attrs.get("status") != "complete":
+            raise StoreError(f"no complete prediction {predictor!r} for run {run_id}; run `know predict` first")
+        arr = self.root[f"{self.prediction_path(run_id, predictor)}/weights"]
+        if not 1 <= step <= arr.shape[0]:
+            raise StoreError(f"step {step} out of range; prediction {predictor!r} has steps 1..{arr.shape[0]}")
+        return np.asarray(arr[step - 1, :]), attrs
+
+
+def s3_options_from_env() -> dict[str, Any] | None:
+    """s3fs options from the usual AWS variables, plus AWS_ENDPOINT_URL for local servers."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("KNOW_S3_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
+
+
+__all__ = ["TrajectoryStore", "StoreError", "config_hash", "versions", "DEFAULT_CHUNK"]

@@ -1,0 +1,104 @@
+"""Collection tasks: train one forgetting trajectory, or one pre-trained start point.
+
+The store is the cache here: a run whose status is `complete` is skipped (its chunks are
+not touched), a `running` or `failed` one is wiped and restarted. That makes a retried or
+resumed flow run continue where it stopped, even after the worker process was killed.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from prefect import task
+
+from know_core.data import subset_sizes
+from know_core.layout import flatten_state, param_layout, unflatten_state
+from know_core.train import TrainConfig, accuracy, forgetting_trajectory, pick_device, train_epochs
+from storage.trajectory import TrajectoryStore, config_hash
+
+from .common import run_logger, retry_unless_bad_input, set_torch_threads
+from .specs import DataSpec, RunSpec
+
+
+@task(name="train-trajectory", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
+      task_run_name="trajectory-{spec.model}-{spec.dataset}-seed{spec.seed}")
+def collect_run(store_url: str, spec: RunSpec, device: str = "auto") -> str:
+    """Train one trajectory and stream each stage's weights into the store. Returns the run id."""
+    log = run_logger()
+    set_torch_threads()
+    store = TrajectoryStore(store_url)
+    run_id = spec.run_id
+    status = store.run_status(run_id)
+    if status == "complete":
+        log.info("run %s already complete: skipped", run_id)
+        return run_id
+    if status is not None:
+        log.info("run %s was %r: restarting it from scratch", run_id, status)
+
+    data = spec.load("train")
+    cfg = spec.trajectory_config(device)
+    cfg.validate(len(data))  # bad input fails here, before anything is written
+    model = spec.build_model(data)
+    if spec.start:
+        vec, layout0, _ = store.load_checkpoint(spec.start)
+        model.load_state_dict(unflatten_state(vec, layout0))
+    layout = param_layout(model)
+    sizes = subset_sizes(len(data), cfg.r, cfg.stages)
+    store.begin_run(run_id, spec.store_attrs(data, sizes), layout, cfg.stages)
+    t0 = time.perf_counter()
+    try:
+        stages = forgetting_trajectory(model, data, cfg, start_trained=bool(spec.start))
+        for k, vec in stages:
+            if not np.isfinite(vec).all():
+                raise ValueError(f"stage {k} produced non-finite weights (lr={spec.lr} too high?)")
+            store.append_stage(run_id, k, vec)
+            log.info("run %s: stage %d/%d written (|D%d|=%d, %.1fs)", run_id, k + 1, cfg.stages, k, sizes[k],
+                     time.perf_counter() - t0)
+        store.finish_run(run_id, train_seconds=round(time.perf_counter() - t0, 3))
+    except BaseException as e:
+        store.fail_run(run_id, f"{type(e).__name__}: {e}")
+        raise
+    return run_id
+
+
+class PretrainSpec(DataSpec):
+    """A source model pre-trained on D0 (the Θ0 of the target trajectory, method §2)."""
+
+    model: str = "resnet"
+    width: int = 0
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+    augment: bool = False
+
+    @property
+    def checkpoint_id(self) -> str:
+        return "pre-" + config_hash(self.model_dump())
+
+
+@task(name="pretrain", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
+      task_run_name="pretrain-{spec.model}-{spec.dataset}-seed{spec.seed}")
+def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto") -> str:
+    """Pre-train a model on the full source data and keep its checkpoint in the store."""
+    log = run_logger()
+    set_torch_threads()
+    store = TrajectoryStore(store_url)
+    ckpt = spec.checkpoint_id
+    if (store.checkpoint_attrs(ckpt) or {}).get("status") == "complete":
+        log.info("checkpoint %s already complete: skipped", ckpt)
+        return ckpt
+    data = spec.load("train")
+    run = RunSpec(**{k: v for k, v in spec.model_dump().items() if k in RunSpec.model_fields})
+    model = run.build_model(data)
+    tcfg = TrainConfig(spec.lr, spec.batch_size, spec.epochs, spec.seed, spec.augment, device)
+    t0 = time.perf_counter()
+    train_epochs(model, data, tcfg, on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d loss %.4f", e + 1, spec.epochs, loss))
+    test_acc = accuracy(model, spec.load("test"), device=device)
+    layout = param_layout(model)
+    store.save_checkpoint(ckpt, flatten_state(model.state_dict(), layout), layout, {
+        "spec": spec.model_dump(), "model_spec": run.model_spec(data).__dict__, "test_acc": test_acc,
+        "train_seconds": round(time.perf_counter() - t0, 3), "device": str(pick_device(device)),
+    })
+    log.info("checkpoint %s saved: source test accuracy %.4f", ckpt, test_acc)
+    return ckpt
