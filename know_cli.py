@@ -133,26 +133,46 @@ def collect(
 
     Parameters
     ----------
-    store: Trajectory store: a local directory or an fsspec URL (s3://bucket/prefix).
-    dataset: digits | fashion-mnist | mnist5k | cifar10 | cifar100 | image-folder.
-    data_dir: Directory holding the data set files (default: its standard location).
-    classes: Class subset such as '0-4'; empty for all classes.
-    limit: Use only this many training images (0 = all).
-    model: Comma-separated models: simple-cnn, mlp, resnet, resnet18.
-    runs: Runs per model (random sweep) or seeds per grid cell (grid sweep).
-    stages: Snapshots per run; meta-training needs at least 6.
-    sweep: random draws r, lr and batch per run (method §3); grid uses the fixed values.
-    r: Fix the sampling rate (0 < r < 1) instead of drawing it.
-    lr: Fix the Adam learning rate instead of drawing it.
-    batch_size: Fix the batch size instead of drawing it.
-    epochs_per_stage: Epochs of training per subset.
-    mode: independent (every stage from one common init) or sequential.
-    seed: Seed of the sweep; the same seed plans the same run ids.
-    width: Model width (0 = the architecture default).
-    runner: thread (in-process) or dask (prefect-dask cluster).
-    workers: Parallel training runs.
-    dask_address: Existing Dask scheduler address for runner=dask.
-    device: auto | cpu | cuda | cuda:N.
+    store
+        Trajectory store: a local directory or an fsspec URL (s3://bucket/prefix).
+    dataset
+        digits | fashion-mnist | mnist5k | cifar10 | cifar100 | image-folder.
+    data_dir
+        Directory holding the data set files (default: its standard location).
+    classes
+        Class subset such as '0-4'; empty for all classes.
+    limit
+        Use only this many training images (0 = all).
+    model
+        Comma-separated models: simple-cnn, mlp, resnet, resnet18.
+    runs
+        Runs per model (random sweep) or seeds per grid cell (grid sweep).
+    stages
+        Snapshots per run; meta-training needs at least 6.
+    sweep
+        random draws r, lr and batch per run (method §3); grid uses the fixed values.
+    r
+        Fix the sampling rate (0 < r < 1) instead of drawing it.
+    lr
+        Fix the Adam learning rate instead of drawing it.
+    batch_size
+        Fix the batch size instead of drawing it.
+    epochs_per_stage
+        Epochs of training per subset.
+    mode
+        independent (every stage from one common init) or sequential.
+    seed
+        Seed of the sweep; the same seed plans the same run ids.
+    width
+        Model width (0 = the architecture default).
+    runner
+        thread (in-process) or dask (prefect-dask cluster).
+    workers
+        Parallel training runs.
+    dask_address
+        Existing Dask scheduler address for runner=dask.
+    device
+        auto | cpu | cuda | cuda:N.
     """
     from flows.collect import CollectParams, collect_trajectories, plan_sweep
 
@@ -168,16 +188,10 @@ def collect(
             p.lr_min = p.lr_max = lr
             p.lr_values = str(lr)
         if batch_size is not None:
-            p.batch_max = batch_size
+            p.batch_min = p.batch_max = batch_size  # random sweep: r and lr still drawn, batch fixed
             p.batch_size = batch_size
         _check_store_path(store)
-        specs = plan_sweep(p)  # validates before any flow starts
-        if batch_size is not None and sweep == "random":
-            specs = [s.model_copy(update={"batch_size": batch_size}) for s in specs]
-            for s in specs:
-                s.trajectory_config().validate(len(s.load("train")))
-            p.sweep, p.batch_size = "grid", batch_size
-            p.r_values = ",".join(sorted({str(s.r) for s in specs}))
+        specs = plan_sweep(p)  # validates before any flow starts; the flow re-plans the same specs
         with watch_runs(store, [s.run_id for s in specs]):
             run_ids = collect_trajectories(p)
     console.print(f"[green]{len(run_ids)} runs complete[/] in {store}")
@@ -228,21 +242,36 @@ def trajectory(
 
     Parameters
     ----------
-    store: Trajectory store: a local directory or an fsspec URL.
-    dataset: Source data set.
-    data_dir: Directory holding the data set files (default: its standard location).
-    classes: Source class subset such as '0-4'.
-    limit: Use only this many training images (0 = all).
-    model: simple-cnn | mlp | resnet | resnet18.
-    width: Model width (0 = default).
-    pretrain_epochs: Epochs of pre-training on the full source data (gives Θ0).
-    stages: Snapshots Θ0..Θ(S-1).
-    r: Sampling rate of the nested subsets (0 < r < 1).
-    lr: Adam learning rate of the forgetting fine-tunes.
-    batch_size: Batch size (must fit the smallest subset).
-    seed: Seed of pre-training and of the subsets.
-    augment: Use the release's light augmentation.
-    device: auto | cpu | cuda | cuda:N.
+    store
+        Trajectory store: a local directory or an fsspec URL.
+    dataset
+        Source data set.
+    data_dir
+        Directory holding the data set files (default: its standard location).
+    classes
+        Source class subset such as '0-4'.
+    limit
+        Use only this many training images (0 = all).
+    model
+        simple-cnn | mlp | resnet | resnet18.
+    width
+        Model width (0 = default).
+    pretrain_epochs
+        Epochs of pre-training on the full source data (gives Θ0).
+    stages
+        Snapshots Θ0..Θ(S-1).
+    r
+        Sampling rate of the nested subsets (0 < r < 1).
+    lr
+        Adam learning rate of the forgetting fine-tunes.
+    batch_size
+        Batch size (must fit the smallest subset).
+    seed
+        Seed of pre-training and of the subsets.
+    augment
+        Use the release's light augmentation.
+    device
+        auto | cpu | cuda | cuda:N.
     """
     from flows.collect import TrajectoryParams, forgetting_trajectory, target_specs
 
@@ -264,13 +293,259 @@ def runs(*, store: str = "runs.zarr"):
 
     Parameters
     ----------
-    store: Trajectory store: a local directory or an fsspec URL.
+    store
+        Trajectory store: a local directory or an fsspec URL.
     """
     with user_errors():
         _check_store_path(store)
         if "://" not in store and not Path(store).exists():
             raise ValueError(f"store {store} does not exist; create it with `know collect --store {store}`")
         _print_runs(store)
+
+
+@app.command(name="meta-train")
+def meta_train(
+    *,
+    store: str = "runs.zarr",
+    out: str = "known",
+    meta_data: Literal["all", "independent", "sequential"] = "all",
+    exclude_runs: str = "",
+    epochs: int = 15,
+    batch_size: int = 4096,
+    lr: float = 1e-3,
+    patience: int = 3,
+    pairs_per_run: int = 20000,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    official_dir: str = "",
+    compare_modes: bool = True,
+):
+    """Meta-train the three KNOWN models (conv, fc, bias) on complete runs of a store.
+
+    Trains with raw and with min-max input scaling, keeps the better as OUT/known.pt, and
+    prints the validation-L1 table against taskvector, logfit, identity and constant scale.
+
+    Parameters
+    ----------
+    store: Trajectory store holding complete runs with at least 6 stages.
+    out: Output directory for models, checkpoints and tables.
+    meta_data: Runs that train the default model: all, independent or sequential.
+    exclude_runs: Comma-separated run ids to leave out (e.g. the target run).
+    epochs: Maximum epochs per model (early stopping usually ends sooner).
+    batch_size: Pairs per Adam step.
+    lr: Adam learning rate.
+    patience: Epochs without a better validation L1 before stopping.
+    pairs_per_run: Maximum pairs per run and kind.
+    val_fraction: Fraction of runs held out for validation (split by run).
+    seed: Seed of the split, subsampling and training.
+    official_dir: Directory of the authors' KNOWN_*.h5 files, added to the table.
+    compare_modes: Also train on independent-only and sequential-only runs when both exist.
+    """
+    from flows.predict import MetaTrainParams, meta_train_known
+
+    with user_errors():
+        _require_store(store)
+        result = meta_train_known(MetaTrainParams(
+            store=store, out=out, meta_data=meta_data, exclude_runs=exclude_runs, epochs=epochs,
+            batch_size=batch_size, lr=lr, patience=patience, pairs_per_run=pairs_per_run,
+            val_fraction=val_fraction, seed=seed, official_dir=official_dir, compare_modes=compare_modes))
+    _print_l1_table(result["table"])
+    console.print(f"[green]default KNOWN ({result['scaling']} scaling) saved to[/] {out}/known.pt")
+
+
+def _print_l1_table(records: list[dict]) -> None:
+    import pandas as pd
+    from rich.table import Table
+
+    df = pd.DataFrame(records)
+    wide = df.pivot_table(index=["val_runs_of", "method"], columns="kind", values="val_l1", sort=False).reset_index()
+    kinds = [k for k in ("conv", "fc", "bias", "all") if k in wide.columns]
+    table = Table("validation runs", "method", *[f"L1 {k}" for k in kinds], title="Validation L1 (lower is better)")
+    for _, row in wide.iterrows():
+        table.add_row(row.val_runs_of, row.method, *[f"{row[k]:.4e}" for k in kinds])
+    Console(width=max(Console().width, 120)).print(table)
+
+
+def _require_store(store: str) -> None:
+    _check_store_path(store)
+    if "://" not in store and not Path(store).exists():
+        raise ValueError(f"store {store} does not exist; create it with `know collect --store {store}`")
+
+
+@app.command
+def predict(
+    *,
+    store: str = "runs.zarr",
+    run: str,
+    predictor: str = "know",
+    known: str = "official",
+    official_dir: str = "",
+    steps: int = 3,
+    alpha: float = 1.0,
+    predict_norm: bool = False,
+    block_values: int = 1 << 22,
+):
+    """Predict knowledge-overflowed weights of one run, streamed into the store.
+
+    Parameters
+    ----------
+    store: Trajectory store.
+    run: Run id (see `know runs`).
+    predictor: naive | taskvector | logfit | know | know-s2 | know-s3 | know-s4.
+    known: 'official' (needs --official-dir) or a directory written by `know meta-train`.
+    official_dir: Directory holding KNOWN_Conv.h5, KNOWN_FC.h5 and KNOWN_Bias.h5.
+    steps: Recurrent steps; 3 gives x2, x4, x8 at r = 0.5.
+    alpha: Step size of the taskvector predictor.
+    predict_norm: Also predict norm affine parameters with the Bias model.
+    block_values: Columns per streamed block; bounds memory whatever the model size.
+    """
+    from flows.predict import PredictParams, predict_weights
+
+    with user_errors():
+        _require_store(store)
+        params = PredictParams(store=store, run_id=run, predictor=predictor, known=known, official_dir=official_dir,
+                               steps=steps, alpha=alpha, predict_norm=predict_norm, block_values=block_values)
+        name = predict_weights(params)
+    from storage.trajectory import TrajectoryStore
+
+    attrs = TrajectoryStore(store).prediction_attrs(run, name)
+    console.print(f"[green]prediction {name!r}[/] of run {run}: virtual data factors {attrs['factors']} "
+                  f"({attrs.get('seconds', 0):.2f}s); export with `know export --store {store} --run {run} "
+                  f"--prediction '{name}' --step {steps} --out model.pt`")
+
+
+@app.command
+def export(
+    *,
+    store: str = "runs.zarr",
+    run: str,
+    prediction: str = "",
+    predictor: str = "",
+    step: int = 3,
+    out: str = "model.pt",
+    recalibrate_bn: str = "",
+    recalibrate_classes: str = "",
+):
+    """Export Θ0 or a predicted step as a state_dict for the run's model class.
+
+    Load it with `model.load_state_dict(torch.load(path, weights_only=True), strict=True)`.
+    KNOW shrinks kernels, so BatchNorm statistics from Θ0 no longer fit: re-estimate them
+    with --recalibrate-bn DATASET (recommended for models with BatchNorm).
+
+    Parameters
+    ----------
+    store: Trajectory store.
+    run: Run id.
+    prediction: Name of the prediction in the store (as printed by `know predict`); empty = Θ0.
+    predictor: Shorthand for --prediction when its name equals the predictor (e.g. taskvector).
+    step: Prediction step (1 = first factor).
+    out: Output file for the state_dict.
+    recalibrate_bn: Data set whose training images re-estimate BatchNorm statistics.
+    recalibrate_classes: Class subset for the re-estimation, e.g. '0-4'.
+    """
+    from tasks.predict import export_state
+
+    with user_errors():
+        _require_store(store)
+        info = export_state(store, run, prediction or predictor, step, out, recalibrate_bn, recalibrate_classes)
+    console.print(f"[green]wrote[/] {info['out']} ({info['prediction'] or 'theta0'} step {info['step']}, "
+                  f"BN statistics: {info['bn_recalibrated_on']})")
+
+
+@contextmanager
+def watch_experiment(p):
+    """One progress bar per experiment stage, fed by polling the output folder and its store."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.experiment import parse_methods, plan
+    from storage.trajectory import TrajectoryStore
+
+    pl = plan(p)
+    methods = parse_methods(p)
+    n_models = len([m for m in p.meta_models.split(",") if m.strip()])
+    totals = {
+        "meta-collect": sum(c.runs for c in pl["collects"]) * n_models,
+        "target trajectory": p.window + 2,
+        "evaluate cells": len(methods) * p.seeds + (len(p.naive_lr_grid.split(",")) if any(m == "naive-lr" for m, _ in methods) else 0),
+    }
+    stop = threading.Event()
+    progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)
+    bars = {name: progress.add_task(name, total=total) for name, total in totals.items()}
+    cells = Path(p.out) / "cells"
+
+    def refresh():
+        df = TrajectoryStore(pl["store"]).list_runs() if Path(pl["store"]).exists() else None
+        if df is not None and len(df):
+            meta = df[df.start == ""]
+            progress.update(bars["meta-collect"], completed=int((meta.status == "complete").sum()))
+            tgt = df[df.start != ""]
+            if len(tgt):
+                progress.update(bars["target trajectory"], completed=int(tgt.stages_written.max()))
+        if cells.exists():
+            progress.update(bars["evaluate cells"], completed=len(list(cells.glob("*.json"))))
+
+    def poll():
+        while not stop.wait(1.0):
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001 - progress must never break the run
+                pass
+
+    thread = threading.Thread(target=poll, daemon=True)
+    with progress:
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+@app.command
+def run(
+    *,
+    preset: str = "standard",
+    out: str = "",
+    force: bool = False,
+    workers: int = 2,
+    device: str = "auto",
+    official_dir: str = "",
+    seeds: int | None = None,
+):
+    """Run the whole KNOW experiment and print its summary table.
+
+    Collects meta-trajectories, meta-trains KNOWN, pre-trains a source model, records its
+    forgetting trajectory, predicts x2/x4/x8 weights and fine-tunes every start point on a
+    target task over several seeds. A finished stage is reused when run again.
+
+    Parameters
+    ----------
+    preset: quick | standard | full | mnist | half-data.
+    out: Output folder (default results/<preset>).
+    force: Reuse a folder that holds a different experiment.
+    workers: Parallel fine-tunes (one torch thread each).
+    device: auto | cpu | cuda.
+    official_dir: Directory of the authors' KNOWN_*.h5 files, for the official rows.
+    seeds: Override the preset's number of seeds.
+    """
+    from flows.experiment import know_run, preset_params
+
+    with user_errors():
+        overrides = {"force": force, "workers": workers, "device": device, "official_dir": official_dir}
+        if out:
+            overrides["out"] = out
+        if seeds is not None:
+            overrides["seeds"] = seeds
+        p = preset_params(preset, **overrides)
+        with watch_experiment(p):
+            know_run(p)
+    Console(width=max(Console().width, 160)).print((Path(p.out) / "summary.md").read_text())
+    console.print(f"[green]done:[/] {p.out}/results.csv, summary.md, accuracy_vs_factor.png, learning_curves.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ class CollectParams(RunnerParams):
     lr_min: float = Field(1e-5, description="random sweep: lower bound of the Adam lr")
     lr_max: float = Field(4e-3, description="random sweep: upper bound of the Adam lr")
     batch_max: int = Field(256, description="random sweep: upper bound of the batch size")
+    batch_min: int = Field(32, description="random sweep: lower bound of the batch size (r is raised so the smallest subset holds it)")
     r_values: str = Field("0.5", description="grid sweep: comma-separated r values")
     lr_values: str = Field("0.001", description="grid sweep: comma-separated learning rates")
     batch_size: int = Field(32, description="grid sweep: batch size")
@@ -80,6 +81,12 @@ def plan_sweep(p: CollectParams) -> list[RunSpec]:
                 for lr in lrs:
                     for i in range(p.runs):
                         specs.append(RunSpec(model=m, r=r, lr=lr, batch_size=p.batch_size, seed=p.seed * 10007 + i, **base))
+        n = len(RunSpec(**base).load("train"))
+        for s in specs:  # the grid's fixed batch must fit every run's smallest subset
+            try:
+                s.trajectory_config().validate(n)
+            except ValueError as e:
+                raise BadInput(str(e)) from None
         return specs
     if p.sweep != "random":
         raise BadInput(f"unknown sweep {p.sweep!r}; use 'random' or 'grid'")
@@ -88,7 +95,7 @@ def plan_sweep(p: CollectParams) -> list[RunSpec]:
             raise BadInput(f"sampling rate {name}={bound} is out of range; it must satisfy 0 < r < 1")
     n = len(RunSpec(**base).load("train"))
     rng = np.random.default_rng(p.seed)
-    ranges = SweepRanges(p.r_min, p.r_max, p.lr_min, p.lr_max, min(32, p.batch_max), p.batch_max)
+    ranges = SweepRanges(p.r_min, p.r_max, p.lr_min, p.lr_max, min(p.batch_min, p.batch_max), p.batch_max)
     for m in models:
         for i in range(p.runs):
             try:
@@ -144,6 +151,7 @@ class TrajectoryParams(RunnerParams):
     width: int = Field(0, description="Model width; 0 = default")
     pretrain_epochs: int = Field(5, description="Epochs of source pre-training (Θ0)")
     pretrain_lr: float = Field(1e-3, description="Adam lr of pre-training")
+    pretrain_batch_size: int = Field(128, description="Batch size of pre-training")
     r: float = Field(0.5, description="Sampling rate of the nested subsets")
     stages: int = Field(5, description="Snapshots Θ0..Θ(S-1); use window+2 = 7 to also score predictors on held-out windows")
     lr: float = Field(1e-3, description="Adam lr of the forgetting fine-tunes (release: 1e-3)")
@@ -156,7 +164,7 @@ class TrajectoryParams(RunnerParams):
 def target_specs(p: TrajectoryParams) -> tuple[PretrainSpec, RunSpec]:
     data = dict(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit)
     pre = PretrainSpec(model=p.model, width=p.width, epochs=p.pretrain_epochs, lr=p.pretrain_lr,
-                       batch_size=p.batch_size, seed=p.seed, augment=p.augment, **data)
+                       batch_size=p.pretrain_batch_size, seed=p.seed, augment=p.augment, **data)
     run = RunSpec(model=p.model, width=p.width, r=p.r, stages=p.stages, lr=p.lr, batch_size=p.batch_size,
                   epochs_per_stage=p.epochs_per_stage, seed=p.seed, mode="sequential", augment=p.augment,
                   start=pre.checkpoint_id, **data)

@@ -235,3 +235,31 @@ def nested_subsets(n: int, r: float, stages: int, seed: int) -> list[np.ndarray]
     """Index sets D_0 ⊃ D_1 ⊃ ... : prefixes of one seeded shuffle of range(n)."""
     perm = np.random.default_rng(seed).permutation(n)
     return [perm[:size] for size in subset_sizes(n, r, stages)]
+
+
+def balanced_subset(labels: torch.Tensor, total: int, seed: int) -> np.ndarray:
+    """Indices of a class-balanced subset of `total` examples (total // n_classes per class)."""
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    per_class = total // len(classes)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has {len(idx)} examples, fewer than the {per_class} a balanced subset of {total} needs")
+        picks.append(rng.choice(idx, size=per_class, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def balanced_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices with the same class balance on both sides."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(len(idx) * val_fraction))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

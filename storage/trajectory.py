@@ -113,8 +113,8 @@ class TrajectoryStore:
             return None
         return node if isinstance(node, zarr.Group) else None
 
-    def _array(self, path: str, shape: tuple[int, ...], attrs: dict, fill=np.nan) -> zarr.Array:
-        chunks = (1,) * (len(shape) - 1) + (min(self.chunk, max(shape[-1], 1)),)
+    def _array(self, path: str, shape: tuple[int, ...], attrs: dict, fill=np.nan, chunk: int | None = None) -> zarr.Array:
+        chunks = (1,) * (len(shape) - 1) + (min(chunk or self.chunk, max(shape[-1], 1)),)
         return self.root.create_array(
             path, shape=shape, chunks=chunks, dtype="float32", fill_value=fill,
             compressors=self.compressors, attributes=attrs, overwrite=True,
@@ -210,16 +210,21 @@ class TrajectoryStore:
         """Rows `stages` of one tensor, (n, size): reads only the chunks that hold it."""
         return np.asarray(self.weights(run_id)[stages, spec.offset : spec.stop])
 
-    def iter_blocks(self, run_id: str, layout: list[TensorSpec], stages, max_values: int) -> Iterator[tuple[TensorSpec, int, np.ndarray]]:
-        """Yield (spec, start, block) with block (n_stages, <= max_values) of one tensor.
+    @staticmethod
+    def block_length(chunk: int, max_values: int) -> int:
+        """Largest multiple of the chunk length <= max_values (at least one chunk)."""
+        return max(chunk, (max_values // chunk) * chunk)
 
-        Memory stays bounded by `max_values`, whatever the size of the model.
+    def iter_column_blocks(self, run_id: str, stages, max_values: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (c0, block) with block = weights[stages, c0:c0+L], L chunk-aligned.
+
+        Memory stays bounded by `max_values` columns whatever the model size, and each
+        block covers whole chunks, so the matching prediction write is whole-chunk too.
         """
         arr = self.weights(run_id)
-        for spec in layout:
-            for start in range(0, spec.size, max_values):
-                stop = min(spec.size, start + max_values)
-                yield spec, start, np.asarray(arr[stages, spec.offset + start : spec.offset + stop])
+        step = self.block_length(arr.chunks[-1], max_values)
+        for c0 in range(0, arr.shape[1], step):
+            yield c0, np.asarray(arr[stages, c0 : c0 + step])
 
     # -- checkpoints (pre-trained start points) ------------------------------------------
     def checkpoint_attrs(self, ckpt_id: str) -> dict[str, Any] | None:
@@ -255,7 +260,8 @@ class TrajectoryStore:
         self.root.require_group(f"{PREDICTIONS}/{run_id}")
         self._delete(path)
         g = self.root.create_group(path)
-        arr = self._array(f"{path}/weights", (n_steps, n_params), {})
+        # same chunking as the run's weights, so column blocks map onto whole chunks of both
+        arr = self._array(f"{path}/weights", (n_steps, n_params), {}, chunk=self.weights(run_id).chunks[-1])
         g.attrs.update({**attrs, "run_id": run_id, "predictor": predictor, "status": "running",
                         "created_at": _now(), "versions": versions()})
         return arr

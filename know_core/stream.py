@@ -1,0 +1,65 @@
+"""Streaming prediction over a flat weight vector, one column block at a time.
+
+A block is a slice [c0, c1) of the flat parameter axis for the stages the predictor
+needs. Inside a block, columns are grouped by the kind of the tensor they belong to, and
+each kind is predicted with one call (element-wise predictors don't care where a tensor
+ends). Memory is bounded by the block size, not the model size.
+
+Example:
+    >>> import numpy as np
+    >>> from know_core.layout import TensorSpec
+    >>> from know_core.predict import PredictorConfig
+    >>> layout = [TensorSpec("w", (4, 3), "fc", 0), TensorSpec("b", (3,), "bias", 12)]
+    >>> stages = np.stack([np.full(15, 2.0 - 0.5 * k, np.float32) for k in range(5)])  # stage 0 first
+    >>> out = predict_block(PredictorConfig("taskvector"), stages, layout, 0, [80, 40, 20, 10, 5], 2)
+    >>> out[:, 0].tolist()
+    [2.5, 3.0]
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .layout import TensorSpec
+from .predict import NonFiniteError, PredictorConfig, predict_steps, sizes_from_stages, window_from_stages
+
+
+def segments(layout: list[TensorSpec], c0: int, c1: int) -> list[tuple[TensorSpec, int, int]]:
+    """(spec, start, stop) of every tensor overlapping [c0, c1), in block coordinates."""
+    out = []
+    for spec in layout:
+        lo, hi = max(spec.offset, c0), min(spec.stop, c1)
+        if lo < hi:
+            out.append((spec, lo - c0, hi - c0))
+    return out
+
+
+def predict_block(
+    cfg: PredictorConfig,
+    stages: np.ndarray,
+    layout: list[TensorSpec],
+    c0: int,
+    stage_sizes: list[int],
+    steps: int,
+) -> np.ndarray:
+    """Predict `steps` recurrent steps for columns [c0, c0 + stages.shape[1]).
+
+    `stages` holds rows in store order (stage 0 = full data first), as many as the
+    predictor's window; `stage_sizes` are their subset sizes. Returns (steps, m) float32.
+    Raises NonFiniteError naming the first tensor with a non-finite prediction.
+    """
+    rows, m = stages.shape
+    window = window_from_stages(torch.from_numpy(np.ascontiguousarray(stages)), rows)
+    sizes = sizes_from_stages(stage_sizes[:rows], rows)
+    out = np.empty((steps, m), dtype=np.float32)
+    segs = segments(layout, c0, c0 + m)
+    for kind in {spec.kind for spec, _, _ in segs}:
+        cols = np.concatenate([np.arange(a, b) for spec, a, b in segs if spec.kind == kind])
+        pred = predict_steps(cfg, window[:, cols], kind, sizes, steps)
+        out[:, cols] = pred.numpy()
+    bad = ~np.isfinite(out).all(axis=0)
+    if bad.any():
+        col = int(np.argmax(bad))
+        name = next(spec.name for spec, a, b in segs if a <= col < b)
+        raise NonFiniteError(f"predictor {cfg.name!r} produced non-finite values for tensor {name!r}")
+    return out

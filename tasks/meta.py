@@ -1,0 +1,173 @@
+"""Meta-training tasks: complete runs in the store -> trained KNOWN models in a directory.
+
+    <out>/<meta_data>/<scaling>/known.pt     one trained KnownSet (conv, fc, bias models)
+    <out>/<meta_data>/<scaling>/ckpt-<kind>.pt  per-epoch resumable state while training
+    <out>/known.pt                           the default: best scaling on the main meta-data
+    <out>/val_l1.csv, <out>/runs.csv         the comparison table and per-run coherence
+
+A finished model directory (known.pt with a matching input hash) is not retrained; an
+interrupted one resumes from its last epoch checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel, Field
+
+from know_core.known import KnownSet, known_set_from_dict, load_official, save_known_set
+from know_core.layout import PREDICTED_KINDS
+from know_core.meta import MetaConfig, build_pairs, l1_table, pair_log_sizes, per_kind_coherence, split_runs, step_coherence, train_known
+from storage.known_files import known_path, load_known_payload, load_state, save_known, save_state
+from storage.trajectory import TrajectoryStore, config_hash
+
+from .common import BadInput, retry_unless_bad_input, run_logger, set_torch_threads
+
+WINDOW = 5
+
+
+class MetaSpec(BaseModel):
+    store: str = Field("runs.zarr", description="Trajectory store holding complete runs")
+    out: str = Field("known", description="Output directory for the trained KNOWN models and tables")
+    meta_data: str = Field("all", description="Which runs train the default model: all | independent | sequential")
+    exclude_runs: str = Field("", description="Comma-separated run ids never used for meta-training (e.g. the target run)")
+    epochs: int = Field(15, description="Max epochs per model (early stopping usually ends sooner)")
+    batch_size: int = Field(4096, description="Pairs per Adam step")
+    lr: float = Field(1e-3, description="Adam learning rate")
+    patience: int = Field(3, description="Epochs without a better validation L1 before stopping")
+    pairs_per_run: int = Field(20000, description="Max pairs per run and kind (subsampled scalars)")
+    val_fraction: float = Field(0.25, description="Fraction of RUNS held out for validation")
+    seed: int = Field(0, description="Seed of the run split, subsampling and training")
+    official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5, to add them to the comparison")
+    compare_modes: bool = Field(True, description="When both modes exist, also train on independent-only and sequential-only runs")
+
+
+def eligible_runs(store: TrajectoryStore, spec: MetaSpec, meta_data: str) -> pd.DataFrame:
+    df = store.list_runs()
+    if not len(df):
+        raise BadInput(f"store {spec.store} holds no runs; collect some with `know collect --store {spec.store} --stages 7`")
+    excluded = {r.strip() for r in spec.exclude_runs.split(",") if r.strip()}
+    df = df[(df.status == "complete") & (df.n_stages >= WINDOW + 1) & ~df.run_id.isin(excluded)]
+    if meta_data != "all":
+        df = df[df["mode"] == meta_data]
+    if len(df) < 2:
+        raise BadInput(f"meta-training on {meta_data!r} runs needs at least 2 complete runs with >= {WINDOW + 1} stages "
+                       f"in {spec.store}, found {len(df)}; run `know collect --stages 7 --runs 12`")
+    return df
+
+
+def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int):
+    """(pairs, log sizes per kind, trajectory coherence) of one run."""
+    attrs = store.require_run(run_id)
+    traj = store.read_stages(run_id)
+    layout = store.layout(run_id)
+    if not np.isfinite(traj).all():
+        raise BadInput(f"run {run_id} holds NaN/Inf weights; delete it and collect again")
+    pairs = build_pairs(traj, layout, WINDOW, max_per_kind=cap, rng=seed)
+    sizes = {k: pair_log_sizes(attrs["stage_subset_sizes"], len(Y)) for k, (X, Y) in pairs.items()}
+    return pairs, sizes, step_coherence(traj), per_kind_coherence(traj, layout)
+
+
+def gather(store, run_ids, spec: MetaSpec):
+    """Concatenate the pairs of several runs, per kind."""
+    parts = [run_pairs(store, rid, spec.pairs_per_run, spec.seed + i) for i, rid in enumerate(run_ids)]
+    pairs, sizes = {}, {}
+    for kind in PREDICTED_KINDS:
+        pairs[kind] = (np.concatenate([p[0][kind][0] for p in parts]), np.concatenate([p[0][kind][1] for p in parts]))
+        sizes[kind] = np.concatenate([p[1][kind] for p in parts])
+    return pairs, sizes
+
+
+@task(name="meta-train-known", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
+      task_run_name="meta-train-{meta_data}-{scaling}")
+def train_known_set(spec: MetaSpec, meta_data: str, scaling: str) -> str:
+    """Train the three KNOWN models on one meta-data set with one input scaling. Returns its dir."""
+    log = run_logger()
+    set_torch_threads()
+    store = TrajectoryStore(spec.store)
+    runs = eligible_runs(store, spec, meta_data)
+    train_ids, val_ids = split_runs(list(runs.run_id), spec.val_fraction, spec.seed)
+    out = Path(spec.out) / meta_data / scaling
+    input_hash = config_hash({**spec.model_dump(exclude={"out", "official_dir", "compare_modes", "meta_data"}),
+                              "train": train_ids, "val": val_ids, "scaling": scaling})
+    if known_path(out).exists() and load_known_payload(out).get("provenance", {}).get("input_hash") == input_hash:
+        log.info("KNOWN %s/%s is up to date: skipped", meta_data, scaling)
+        return str(out)
+    train_pairs, _ = gather(store, train_ids, spec)
+    val_pairs, _ = gather(store, val_ids, spec)
+    cfg = MetaConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, patience=spec.patience,
+                     scaling=scaling, seed=spec.seed)
+    models, histories = {}, {}
+    for kind in PREDICTED_KINDS:
+        X, Y = train_pairs[kind]
+        Xv, Yv = val_pairs[kind]
+        if len(Y) == 0 or len(Yv) == 0:
+            raise BadInput(f"no {kind} weights in the meta-training runs; KNOWN {kind} cannot be trained")
+        ckpt = out / f"ckpt-{kind}.pt"
+        resume = load_state(ckpt)
+        if resume is not None and resume.get("input_hash") != input_hash:
+            resume = None
+        if resume is not None:
+            log.info("resuming %s/%s/%s from epoch %s", meta_data, scaling, kind, resume.get("epoch"))
+
+        def on_epoch(row, state, kind=kind, ckpt=ckpt):
+            log.info("meta %s/%s %s epoch %d: train L1 %.3e  val L1 %.3e", meta_data, scaling, kind,
+                     row["epoch"], row["train_l1"], row["val_l1"])
+            save_state(ckpt, {**state, "input_hash": input_hash})
+
+        t0 = time.perf_counter()
+        models[kind], histories[kind] = train_known(X, Y, Xv, Yv, cfg, resume_state=resume and {k: v for k, v in resume.items() if k != "input_hash"}, on_epoch=on_epoch)
+        log.info("KNOWN %s (%s, %s): %d train / %d val pairs, %.1fs", kind, meta_data, scaling, len(Y), len(Yv), time.perf_counter() - t0)
+    provenance = {"store": spec.store, "meta_data": meta_data, "train_runs": train_ids, "val_runs": val_ids,
+                  "input_hash": input_hash, "config": spec.model_dump(), "history": json.dumps(histories)}
+    ks = KnownSet(models=models, scaling=scaling, source=str(out), provenance=provenance)
+    save_known(out, save_known_set(ks))
+    for kind in PREDICTED_KINDS:
+        (out / f"ckpt-{kind}.pt").unlink(missing_ok=True)
+    return str(out)
+
+
+@task(name="meta-report", task_run_name="meta-report-{meta_data}")
+def meta_report(spec: MetaSpec, meta_data: str, model_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation-L1 table of every trained model and baseline on the held-out runs of `meta_data`,
+    and per-run coherence with each run's identity and best-model L1."""
+    store = TrajectoryStore(spec.store)
+    runs = eligible_runs(store, spec, meta_data)
+    train_ids, val_ids = split_runs(list(runs.run_id), spec.val_fraction, spec.seed)
+    train_pairs, _ = gather(store, train_ids, spec)
+    val_pairs, val_sizes = gather(store, val_ids, spec)
+    known_sets: dict[str, KnownSet] = {}
+    for d in model_dirs:
+        ks = known_set_from_dict(load_known_payload(d))
+        known_sets[f"known-{ks.scaling}[{ks.provenance.get('meta_data', '?')}]"] = ks
+    if spec.official_dir:
+        known_sets["official"] = load_official(spec.official_dir)
+    table = l1_table(train_pairs, val_pairs, known_sets, sizes=val_sizes)
+    table.insert(0, "val_runs_of", meta_data)
+    rows = []
+    for rid in val_ids:
+        pairs, sizes, coh, coh_kind = run_pairs(store, rid, spec.pairs_per_run, spec.seed)
+        t = l1_table(train_pairs, pairs, known_sets, sizes=sizes)
+        t = t[t.kind == "all"].set_index("method").val_l1
+        rows.append({"run_id": rid, "mode": runs.set_index("run_id").loc[rid, "mode"], "coherence": coh,
+                     **{f"coherence_{k}": v for k, v in coh_kind.items()}, **{f"l1_{m}": v for m, v in t.items()}})
+    return table, pd.DataFrame(rows)
+
+
+def pick_default(spec: MetaSpec, table: pd.DataFrame, model_dirs: list[str]) -> str:
+    """Copy the model with the lowest overall val L1 on the main meta-data to <out>/known.pt."""
+    allrows = table[(table.kind == "all") & (table.val_runs_of == spec.meta_data) & table.method.str.startswith("known-")]
+    allrows = allrows[allrows.method.str.endswith(f"[{spec.meta_data}]")]
+    best = allrows.sort_values("val_l1").iloc[0].method
+    scaling = best.split("-", 1)[1].split("[", 1)[0]
+    src = next(d for d in model_dirs if Path(d).parts[-2:] == (spec.meta_data, scaling))
+    shutil.copyfile(known_path(src), known_path(spec.out))
+    return scaling
+
+
+__all__ = ["MetaSpec", "train_known_set", "meta_report", "pick_default", "eligible_runs"]
