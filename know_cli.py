@@ -355,6 +355,7 @@ def meta_train(
 
 def _print_l1_table(records: list[dict]) -> None:
     import pandas as pd
+    from rich.markup import escape
     from rich.table import Table
 
     df = pd.DataFrame(records)
@@ -362,7 +363,7 @@ def _print_l1_table(records: list[dict]) -> None:
     kinds = [k for k in ("conv", "fc", "bias", "all") if k in wide.columns]
     table = Table("validation runs", "method", *[f"L1 {k}" for k in kinds], title="Validation L1 (lower is better)")
     for _, row in wide.iterrows():
-        table.add_row(row.val_runs_of, row.method, *[f"{row[k]:.4e}" for k in kinds])
+        table.add_row(row.val_runs_of, escape(row.method), *[f"{row[k]:.4e}" for k in kinds])
     Console(width=max(Console().width, 120)).print(table)
 
 
@@ -546,6 +547,79 @@ def run(
             know_run(p)
     Console(width=max(Console().width, 160)).print((Path(p.out) / "summary.md").read_text())
     console.print(f"[green]done:[/] {p.out}/results.csv, summary.md, accuracy_vs_factor.png, learning_curves.png")
+
+
+@app.command
+def submit(stage: str, /, *, param: list[str] | None = None, tag: list[str] | None = None, watch: bool = False):
+    """Submit a stage to its deployment on the Prefect server and print the flow-run URL.
+
+    Needs PREFECT_API_URL (e.g. http://127.0.0.1:4200/api), deployments from
+    `prefect deploy --all` and a worker on the stage's pool (docs/operations.md).
+
+        know submit pipeline --param runs=3 --param stages=6 --param limit=300
+
+    Parameters
+    ----------
+    stage
+        collect | collect-gpu | trajectory | trajectory-gpu | meta-train | predict | pipeline |
+        experiment, or any deployment name.
+    param
+        key=value overriding one field of the deployment's default params (repeatable).
+    tag
+        Extra flow-run tag (repeatable); know-chain on a collect run starts meta-training when it completes.
+    watch
+        Wait until the run ends (event-driven) and exit 1 if it did not complete.
+    """
+    from flows.ops import parse_overrides, submit as submit_run
+
+    with user_errors():
+        run_id, url = submit_run(stage, parse_overrides(param or []), tags=tag or [])
+    print(url)
+    console.print(f"submitted {stage}: flow run {run_id}", highlight=False)
+    if watch:
+        _watch_flow_run(run_id)
+
+
+def _watch_flow_run(run_id: str) -> None:
+    from prefect.flow_runs import wait_for_flow_run
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    with console.status(f"waiting for flow run {run_id}"):
+        run = run_coro_as_sync(wait_for_flow_run(run_id, timeout=7 * 24 * 3600))
+    if run.state.is_completed():
+        console.print(f"[green]flow run {run_id} {run.state.name}[/]", highlight=False)
+        return
+    console.print(f"[bold red]flow run {run_id} {run.state.name}[/]: {run.state.message or ''}\n"
+                  f"resume it with `know resume {run_id}`", highlight=False, soft_wrap=True)
+    raise SystemExit(1)
+
+
+@app.command
+def resume(flow_run_id: str, /, *, watch: bool = False):
+    """Retry a failed or crashed flow run; finished work (complete runs, cached results) is reused.
+
+    A run of a deployment goes back to Scheduled and its pool's worker runs it again (like
+    `prefect flow-run retry`); a local run (from `know collect` etc.) re-runs here.
+
+    Parameters
+    ----------
+    flow_run_id
+        The flow run's id (shown by `know submit`, the UI, or the failed run's resume-hint artifact).
+    watch
+        For a deployment run, wait until it ends and exit 1 if it did not complete.
+    """
+    from flows.ops import resume as resume_run
+
+    with user_errors():
+        how, state = resume_run(flow_run_id)
+    if how == "scheduled":
+        console.print(f"flow run {flow_run_id} scheduled again; a worker of its pool will pick it up", highlight=False)
+        if watch:
+            _watch_flow_run(flow_run_id)
+        return
+    console.print(f"flow run {flow_run_id} re-ran locally: {state}", highlight=False)
+    if state != "COMPLETED":
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

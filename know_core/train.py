@@ -193,7 +193,7 @@ def sample_hyperparameters(n_data: int, stages: int, ranges: SweepRanges, rng: n
     if lo > ranges.r_max:
         raise ValueError(
             f"{n_data} images cannot give {stages} stages with a batch of {ranges.batch_min} "
-            f"at r <= {ranges.r_max}; use fewer stages or a larger data set"
+            f"at r <= {ranges.r_max}; use fewer stages, a smaller batch size or a larger data set"
         )
     r = float(rng.uniform(lo, ranges.r_max)) if ranges.r_max > lo else lo
     lr = float(rng.uniform(ranges.lr_min, ranges.lr_max))
