@@ -231,6 +231,26 @@ def split_runs(run_ids, val_fraction: float, seed: int) -> tuple[list, list]:
     return [r for r in ordered if r not in val], [r for r in ordered if r in val]
 
 
+def split_runs_grouped(run_ids, groups, val_fraction: float, seed: int) -> tuple[list, list]:
+    """split_runs within each group (e.g. the model architecture), so that every group, and so
+    every kind of weight, appears on both sides. A group with a single run goes to train."""
+    by_group: dict = {}
+    for rid, g in zip(run_ids, groups):
+        by_group.setdefault(g, []).append(rid)
+    train, val = [], []
+    for g in sorted(by_group, key=str):
+        ids = by_group[g]
+        if len(ids) < 2:
+            train += ids
+            continue
+        t, v = split_runs(ids, val_fraction, seed)
+        train += t
+        val += v
+    if not val:
+        raise ValueError("no group has 2 runs, so no run can be held out for validation; collect more runs")
+    return sorted(train, key=str), sorted(val, key=str)
+
+
 # ---------------------------------------------------------------------------
 # training
 

@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field
 
 from know_core.known import KnownSet, known_set_from_dict, load_official, save_known_set
 from know_core.layout import PREDICTED_KINDS
-from know_core.meta import MetaConfig, build_pairs, l1_table, pair_log_sizes, per_kind_coherence, split_runs, step_coherence, train_known
+from know_core.meta import (MetaConfig, build_pairs, l1_table, pair_log_sizes, per_kind_coherence, split_runs_grouped,
+                            step_coherence, train_known)
 from storage.known_files import known_path, load_known_payload, load_state, save_known, save_state
 from storage.trajectory import TrajectoryStore, config_hash
 
@@ -61,6 +62,11 @@ def eligible_runs(store: TrajectoryStore, spec: MetaSpec, meta_data: str) -> pd.
     return df
 
 
+def split_by_model(runs: pd.DataFrame, spec: MetaSpec) -> tuple[list[str], list[str]]:
+    """Train/validation split by run, stratified by model so every kind is validated."""
+    return split_runs_grouped(list(runs.run_id), list(runs.model), spec.val_fraction, spec.seed)
+
+
 def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int):
     """(pairs, log sizes per kind, trajectory coherence) of one run."""
     attrs = store.require_run(run_id)
@@ -91,7 +97,7 @@ def train_known_set(spec: MetaSpec, meta_data: str, scaling: str) -> str:
     set_torch_threads()
     store = TrajectoryStore(spec.store)
     runs = eligible_runs(store, spec, meta_data)
-    train_ids, val_ids = split_runs(list(runs.run_id), spec.val_fraction, spec.seed)
+    train_ids, val_ids = split_by_model(runs, spec)
     out = Path(spec.out) / meta_data / scaling
     input_hash = config_hash({**spec.model_dump(exclude={"out", "official_dir", "compare_modes", "meta_data"}),
                               "train": train_ids, "val": val_ids, "scaling": scaling})
@@ -138,7 +144,7 @@ def meta_report(spec: MetaSpec, meta_data: str, model_dirs: list[str]) -> tuple[
     and per-run coherence with each run's identity and best-model L1."""
     store = TrajectoryStore(spec.store)
     runs = eligible_runs(store, spec, meta_data)
-    train_ids, val_ids = split_runs(list(runs.run_id), spec.val_fraction, spec.seed)
+    train_ids, val_ids = split_by_model(runs, spec)
     train_pairs, _ = gather(store, train_ids, spec)
     val_pairs, val_sizes = gather(store, val_ids, spec)
     known_sets: dict[str, KnownSet] = {}
