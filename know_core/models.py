@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,18 @@ def build_model(
 
 def build_from_spec(spec: ModelSpec) -> nn.Module:
     return build_model(spec.name, spec.in_channels, spec.num_classes, spec.image_size, spec.width)
+
+
+# torch's default generator is process-global: building seeded models from several threads
+# at once (a thread-pool fan-out) would interleave their draws, so builds are serialised.
+_INIT_LOCK = threading.Lock()
+
+
+def build_seeded(spec: ModelSpec, seed: int) -> nn.Module:
+    """Build a model whose initial weights depend only on `seed`, safe under threads."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_from_spec(spec)
 
 
 def count_parameters(model: nn.Module) -> int:

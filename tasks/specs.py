@@ -6,14 +6,15 @@ which is what makes collection idempotent and resumable.
 """
 from __future__ import annotations
 
+
 from pydantic import BaseModel, Field
 
 from know_core.data import ImageData, load_dataset
-from know_core.models import ModelSpec, build_from_spec
+from know_core.models import ModelSpec, build_seeded
 from know_core.train import TrajectoryConfig
 from storage.trajectory import config_hash
 
-
+#: serialises seeded model init across threads (torch's global RNG is shared by all of them)
 def parse_classes(text: str) -> list[int]:
     """'0-4' -> [0,1,2,3,4]; '5,7,9' -> [5,7,9]; '' -> [] (all classes)."""
     out: list[int] = []
@@ -73,10 +74,8 @@ class RunSpec(DataSpec):
         return ModelSpec(self.model, data.in_channels, data.num_classes, data.image_size, self.width or None)
 
     def build_model(self, data: ImageData):
-        import torch
-
-        torch.manual_seed(self.seed)
-        return build_from_spec(self.model_spec(data))
+        """The seeded initial model (thread-safe: see know_core.models.build_seeded)."""
+        return build_seeded(self.model_spec(data), self.seed)
 
     def store_attrs(self, data: ImageData, sizes: list[int]) -> dict:
         """The run attrs promised by the store layout (plus the full spec)."""
