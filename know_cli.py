@@ -327,28 +327,46 @@ def meta_train(
 
     Parameters
     ----------
-    store: Trajectory store holding complete runs with at least 6 stages.
-    out: Output directory for models, checkpoints and tables.
-    meta_data: Runs that train the default model: all, independent or sequential.
-    exclude_runs: Comma-separated run ids to leave out (e.g. the target run).
-    epochs: Maximum epochs per model (early stopping usually ends sooner).
-    batch_size: Pairs per Adam step.
-    lr: Adam learning rate.
-    patience: Epochs without a better validation L1 before stopping.
-    pairs_per_run: Maximum pairs per run and kind.
-    val_fraction: Fraction of runs held out for validation (split by run).
-    seed: Seed of the split, subsampling and training.
-    official_dir: Directory of the authors' KNOWN_*.h5 files, added to the table.
-    compare_modes: Also train on independent-only and sequential-only runs when both exist.
+    store
+        Trajectory store holding complete runs with at least 6 stages.
+    out
+        Output directory for models, checkpoints and tables.
+    meta_data
+        Runs that train the default model: all, independent or sequential.
+    exclude_runs
+        Comma-separated run ids to leave out (e.g. the target run).
+    epochs
+        Maximum epochs per model (early stopping usually ends sooner).
+    batch_size
+        Pairs per Adam step.
+    lr
+        Adam learning rate.
+    patience
+        Epochs without a better validation L1 before stopping.
+    pairs_per_run
+        Maximum pairs per run and kind.
+    val_fraction
+        Fraction of runs held out for validation (split by run).
+    seed
+        Seed of the split, subsampling and training.
+    official_dir
+        Directory of the authors' KNOWN_*.h5 files, added to the table.
+    compare_modes
+        Also train on independent-only and sequential-only runs when both exist.
     """
     from flows.predict import MetaTrainParams, meta_train_known
 
     with user_errors():
         _require_store(store)
-        result = meta_train_known(MetaTrainParams(
+        params = MetaTrainParams(
             store=store, out=out, meta_data=meta_data, exclude_runs=exclude_runs, epochs=epochs,
             batch_size=batch_size, lr=lr, patience=patience, pairs_per_run=pairs_per_run,
-            val_fraction=val_fraction, seed=seed, official_dir=official_dir, compare_modes=compare_modes))
+            val_fraction=val_fraction, seed=seed, official_dir=official_dir, compare_modes=compare_modes)
+        from storage.trajectory import TrajectoryStore
+        from tasks.meta import eligible_runs
+
+        eligible_runs(TrajectoryStore(store), params, meta_data)  # bad input fails here, before any flow starts
+        result = meta_train_known(params)
     _print_l1_table(result["table"])
     console.print(f"[green]default KNOWN ({result['scaling']} scaling) saved to[/] {out}/known.pt")
 
@@ -390,24 +408,36 @@ def predict(
 
     Parameters
     ----------
-    store: Trajectory store.
-    run: Run id (see `know runs`).
-    predictor: naive | taskvector | logfit | know | know-s2 | know-s3 | know-s4.
-    known: 'official' (needs --official-dir) or a directory written by `know meta-train`.
-    official_dir: Directory holding KNOWN_Conv.h5, KNOWN_FC.h5 and KNOWN_Bias.h5.
-    steps: Recurrent steps; 3 gives x2, x4, x8 at r = 0.5.
-    alpha: Step size of the taskvector predictor.
-    predict_norm: Also predict norm affine parameters with the Bias model.
-    block_values: Columns per streamed block; bounds memory whatever the model size.
+    store
+        Trajectory store.
+    run
+        Run id (see `know runs`).
+    predictor
+        naive | taskvector | logfit | know | know-s2 | know-s3 | know-s4.
+    known
+        'official' (needs --official-dir) or a directory written by `know meta-train`.
+    official_dir
+        Directory holding KNOWN_Conv.h5, KNOWN_FC.h5 and KNOWN_Bias.h5.
+    steps
+        Recurrent steps; 3 gives x2, x4, x8 at r = 0.5.
+    alpha
+        Step size of the taskvector predictor.
+    predict_norm
+        Also predict norm affine parameters with the Bias model.
+    block_values
+        Columns per streamed block; bounds memory whatever the model size.
     """
     from flows.predict import PredictParams, predict_weights
+    from storage.trajectory import TrajectoryStore
+    from tasks.predict import PredictSpec, prediction_inputs
 
     with user_errors():
         _require_store(store)
         params = PredictParams(store=store, run_id=run, predictor=predictor, known=known, official_dir=official_dir,
                                steps=steps, alpha=alpha, predict_norm=predict_norm, block_values=block_values)
+        # bad input (run, stages, KNOWN source) fails here, before any flow starts and logs tracebacks
+        prediction_inputs(PredictSpec(**params.model_dump()), TrajectoryStore(store))
         name = predict_weights(params)
-    from storage.trajectory import TrajectoryStore
 
     attrs = TrajectoryStore(store).prediction_attrs(run, name)
     console.print(f"[green]prediction {name!r}[/] of run {run}: virtual data factors {attrs['factors']} "
@@ -435,14 +465,22 @@ def export(
 
     Parameters
     ----------
-    store: Trajectory store.
-    run: Run id.
-    prediction: Name of the prediction in the store (as printed by `know predict`); empty = Θ0.
-    predictor: Shorthand for --prediction when its name equals the predictor (e.g. taskvector).
-    step: Prediction step (1 = first factor).
-    out: Output file for the state_dict.
-    recalibrate_bn: Data set whose training images re-estimate BatchNorm statistics.
-    recalibrate_classes: Class subset for the re-estimation, e.g. '0-4'.
+    store
+        Trajectory store.
+    run
+        Run id.
+    prediction
+        Name of the prediction in the store (as printed by `know predict`); empty = Θ0.
+    predictor
+        Shorthand for --prediction when its name equals the predictor (e.g. taskvector).
+    step
+        Prediction step (1 = first factor).
+    out
+        Output file for the state_dict.
+    recalibrate_bn
+        Data set whose training images re-estimate BatchNorm statistics.
+    recalibrate_classes
+        Class subset for the re-estimation, e.g. '0-4'.
     """
     from tasks.predict import export_state
 
@@ -526,15 +564,22 @@ def run(
 
     Parameters
     ----------
-    preset: quick | standard | full | mnist | half-data.
-    out: Output folder (default results/<preset>).
-    force: Reuse a folder that holds a different experiment.
-    workers: Parallel fine-tunes (one torch thread each).
-    device: auto | cpu | cuda.
-    official_dir: Directory of the authors' KNOWN_*.h5 files, for the official rows.
-    seeds: Override the preset's number of seeds.
+    preset
+        quick | standard | full | mnist | half-data.
+    out
+        Output folder (default: results/PRESET).
+    force
+        Reuse a folder that holds a different experiment.
+    workers
+        Parallel fine-tunes (one torch thread each).
+    device
+        auto | cpu | cuda.
+    official_dir
+        Directory of the authors' KNOWN_*.h5 files, for the official rows.
+    seeds
+        Override the preset's number of seeds.
     """
-    from flows.experiment import know_run, preset_params
+    from flows.experiment import know_run, parse_methods, preset_params, refuse_other_experiment
 
     with user_errors():
         overrides = {"force": force, "workers": workers, "device": device, "official_dir": official_dir}
@@ -543,6 +588,8 @@ def run(
         if seeds is not None:
             overrides["seeds"] = seeds
         p = preset_params(preset, **overrides)
+        parse_methods(p)  # bad input fails here, before any flow starts
+        refuse_other_experiment(p)
         with watch_experiment(p):
             know_run(p)
     Console(width=max(Console().width, 160)).print((Path(p.out) / "summary.md").read_text())
@@ -581,11 +628,10 @@ def submit(stage: str, /, *, param: list[str] | None = None, tag: list[str] | No
 
 
 def _watch_flow_run(run_id: str) -> None:
-    from prefect.flow_runs import wait_for_flow_run
-    from prefect.utilities.asyncutils import run_coro_as_sync
+    from flows.ops import wait
 
     with console.status(f"waiting for flow run {run_id}"):
-        run = run_coro_as_sync(wait_for_flow_run(run_id, timeout=7 * 24 * 3600))
+        run = wait(run_id)
     if run.state.is_completed():
         console.print(f"[green]flow run {run_id} {run.state.name}[/]", highlight=False)
         return

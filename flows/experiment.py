@@ -136,8 +136,8 @@ def step_of(factor: float, r: float) -> int:
     return max(1, round(math.log(factor) / math.log(1.0 / r)))
 
 
-def check_out_dir(p: ExperimentParams) -> Path:
-    """Refuse a folder that holds a different experiment unless forced; record this one."""
+def refuse_other_experiment(p: ExperimentParams) -> None:
+    """BadInput when the output folder is a file, or holds a different experiment and p.force is off."""
     out = Path(p.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"output path {out} is a file; pass a folder with --out")
@@ -148,6 +148,13 @@ def check_out_dir(p: ExperimentParams) -> Path:
             diff = sorted(k for k in set(old) | set(p.identity()) if old.get(k) != p.identity().get(k))
             raise BadInput(f"{out} holds a different experiment (differs in: {', '.join(diff[:5])}); "
                            "use another --out or pass --force")
+
+
+def check_out_dir(p: ExperimentParams) -> Path:
+    """Refuse a folder that holds a different experiment unless forced; record this one."""
+    refuse_other_experiment(p)
+    out = Path(p.out)
+    record = out / "experiment.json"
     out.mkdir(parents=True, exist_ok=True)
     save_text(json.dumps(p.identity(), indent=1, sort_keys=True), record)
     return out

@@ -28,7 +28,9 @@ def meta_data_sets(spec: MetaSpec) -> list[str]:
     sets = [spec.meta_data]
     if spec.compare_modes and spec.meta_data == "all":
         store = TrajectoryStore(spec.store)
-        modes = sorted(set(store.list_runs().query("status == 'complete'")["mode"]))
+        # modes of the runs that train the main set: excluded or too-short runs don't count, else
+        # one mode left would be trained twice (as 'all' and as itself)
+        modes = sorted(set(eligible_runs(store, spec, spec.meta_data)["mode"]))
         for mode in modes if len(modes) > 1 else []:
             try:
                 eligible_runs(store, spec, mode)

@@ -20,8 +20,9 @@ from pydantic import BaseModel, Field
 from know_core.data import ImageData, balanced_split, balanced_subset
 from know_core.evaluate import FinetuneConfig, finetune, linear_probe, recalibrate_bn
 from know_core.layout import PREDICTED_KINDS, unflatten_state
-from know_core.models import ModelSpec, build_from_spec
+from know_core.models import ModelSpec, build_from_spec, build_seeded
 from know_core.predict import shrink_control
+from know_core.train import pick_device
 from storage.results import save_text
 from storage.trajectory import TrajectoryStore, config_hash
 
@@ -75,8 +76,7 @@ def start_state(store: TrajectoryStore, spec: CellSpec) -> tuple[ModelSpec, dict
     mspec = ModelSpec(**attrs["model_spec"])
     layout = store.layout(spec.run_id)
     if spec.source == "scratch":
-        torch.manual_seed(spec.seed)
-        return mspec, build_from_spec(mspec).state_dict()
+        return mspec, build_seeded(mspec, spec.seed).state_dict()
     if spec.source.startswith("ckpt:"):
         vec, layout_c, _ = store.load_checkpoint(spec.source[5:])
         return mspec, unflatten_state(vec, layout_c)
@@ -127,7 +127,7 @@ def finetune_cell(spec: CellSpec) -> dict:
         recalibrate_bn(model, train.x, seed=spec.seed)
     probe = linear_probe(model, (train.x, train.y), (test.x, test.y), recalibrate=False) if spec.probe else {}
     cfg = FinetuneConfig(spec.phase1_epochs, spec.phase2_epochs, spec.lr1, spec.lr2, spec.batch_size, spec.seed,
-                         "cuda" if spec.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+                         str(pick_device(spec.device)))
     rows = finetune(copy.deepcopy(model), train.num_classes, (train.x, train.y), (test.x, test.y), cfg)
     result = {
         "method": spec.method, "factor": spec.factor, "seed": spec.seed, "split": spec.split, "lr2": spec.lr2,

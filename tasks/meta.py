@@ -24,7 +24,7 @@ from know_core.known import KnownSet, known_set_from_dict, load_official, save_k
 from know_core.layout import PREDICTED_KINDS
 from know_core.meta import (MetaConfig, build_pairs, l1_table, pair_log_sizes, per_kind_coherence, split_runs_grouped,
                             step_coherence, train_known)
-from storage.known_files import known_path, load_known_payload, load_state, save_known, save_state
+from storage.known_files import file_digest, known_path, load_known_payload, load_state, save_known, save_state
 from storage.trajectory import TrajectoryStore, config_hash
 
 from .common import BadInput, retry_unless_bad_input, run_logger, set_torch_threads
@@ -172,7 +172,9 @@ def pick_default(spec: MetaSpec, table: pd.DataFrame, model_dirs: list[str]) -> 
     best = allrows.sort_values("val_l1").iloc[0].method
     scaling = best.split("-", 1)[1].split("[", 1)[0]
     src = next(d for d in model_dirs if Path(d).parts[-2:] == (spec.meta_data, scaling))
-    shutil.copyfile(known_path(src), known_path(spec.out))
+    # a rerun that picks the same model leaves <out>/known.pt untouched
+    if not known_path(spec.out).exists() or file_digest(known_path(spec.out)) != file_digest(known_path(src)):
+        shutil.copyfile(known_path(src), known_path(spec.out))
     return scaling
 
 

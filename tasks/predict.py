@@ -13,12 +13,12 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from know_core.known import load_official
-from know_core.layout import unflatten_state
+from know_core.layout import param_layout, unflatten_state
 from know_core.models import ModelSpec, build_from_spec
-from know_core.predict import PREDICTORS, PredictorConfig, virtual_factors
+from know_core.predict import PREDICTORS, PredictorConfig
 from know_core.stream import predict_block
 from storage.known_files import file_digest, known_path, load_known_payload
-from storage.trajectory import TrajectoryStore, config_hash
+from storage.trajectory import StoreError, TrajectoryStore, config_hash
 
 from .common import BadInput, retry_unless_bad_input, run_logger, set_torch_threads
 
@@ -108,7 +108,9 @@ def predict_run(spec: PredictSpec) -> str:
     layout = store.layout(spec.run_id)
     rows = window_rows(spec.predictor)
     sizes = attrs["stage_subset_sizes"]
-    factors = virtual_factors(list(reversed(sizes[:rows])), spec.steps) if rows >= 2 else []
+    # step k is the prediction for (1/r)^k times the full data (method §5); the rounded subset
+    # sizes only approximate r (683 images at r=0.5 give 683/342 = 1.997), so use the run's r
+    factors = [(1.0 / attrs["sampling_rate"]) ** k for k in range(1, spec.steps + 1)]
     arr = store.begin_prediction(spec.run_id, name, spec.steps, attrs["n_params"], {
         "factors": factors, "predictor": spec.predictor, "alpha": spec.alpha, "predict_norm": spec.predict_norm,
         "known_source": spec.known if spec.predictor.startswith("know") else "",
@@ -130,6 +132,18 @@ def predict_run(spec: PredictSpec) -> str:
 
 def model_spec_of(attrs: dict) -> ModelSpec:
     return ModelSpec(**attrs["model_spec"])
+
+
+def check_layout_fits(model: torch.nn.Module, layout, run_id: str, model_spec: dict) -> None:
+    """One-line StoreError when the stored layout is not the state_dict of the run's model class
+    (load_state_dict would fail with a multi-line report after the fact)."""
+    want = {s.name: s.shape for s in param_layout(model)}
+    have = {s.name: s.shape for s in layout}
+    if want == have:
+        return
+    name = next((n for n in have if want.get(n) != have[n]), None) or next(n for n in want if n not in have)
+    raise StoreError(f"run {run_id}: the stored weights do not fit its model_spec {model_spec}: tensor {name!r} "
+                     f"has shape {have.get(name, 'missing')} in the store, {want.get(name, 'missing')} in the model")
 
 
 def state_for(store: TrajectoryStore, run_id: str, source: str, step: int = 0) -> dict[str, torch.Tensor]:
@@ -155,6 +169,7 @@ def export_state(store_url: str, run_id: str, prediction: str, step: int, out: s
     store = TrajectoryStore(store_url)
     attrs = store.require_run(run_id)
     model = build_from_spec(model_spec_of(attrs))
+    check_layout_fits(model, store.layout(run_id), run_id, attrs["model_spec"])
     state = state_for(store, run_id, prediction, step)
     model.load_state_dict(state, strict=True)
     recal = "none"

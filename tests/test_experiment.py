@@ -1,0 +1,183 @@
+"""`know run`: the quick experiment end to end at reduced size, under the Prefect test harness.
+
+Everything is real: digits meta-trajectories, a resnet source model and its forgetting
+trajectory, KNOWN meta-training, predictions, fine-tunes and probes, the report. A second
+run with the same params must reuse every stage (store runs, predictions, KNOWN, cells).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+# imported at collection, not inside a test: importing prefect configures its log handlers on the
+# stderr of that moment, which must not be a capture fixture's file (closed after its test)
+import flows.experiment  # noqa: F401
+import know_cli
+from conftest import REFERENCE_DIR
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+OLD_NS = 1_000_000_000_000_000_000  # 2001-09-09: any rewrite of a file moves its mtime off this
+METHODS = "naive,know:2,know:4,know:8,official:8,taskvector:2,logfit:2,shrink:8"
+EXPECTED = {("naive", 1.0), ("know", 2.0), ("know", 4.0), ("know", 8.0), ("official", 8.0), ("taskvector", 2.0),
+            ("logfit", 2.0), ("shrink", 8.0)}
+SEEDS = 2
+
+
+def _params(out: Path, **kw):
+    from flows.experiment import preset_params
+
+    base = dict(out=str(out), seeds=SEEDS, meta_runs=2, pretrain_epochs=1, phase1_epochs=1, phase2_epochs=1,
+                official_dir=str(REFERENCE_DIR), workers=2, methods=METHODS, meta_epochs=2, meta_pairs_per_run=2000,
+                meta_limit=600, target_train_size=150)
+    return preset_params("quick", **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, prefect_harness):
+    from flows.experiment import know_run
+
+    out = tmp_path_factory.mktemp("experiment") / "quick"
+    params = _params(out)
+    t0 = time.perf_counter()
+    assert know_run(params) == str(out)
+    return SimpleNamespace(out=out, params=params, seconds=time.perf_counter() - t0)
+
+
+def _chunks(out: Path) -> list[Path]:
+    """Every chunk file of every array in the experiment's store (runs, checkpoints, predictions)."""
+    files = sorted(p for p in (out / "store.zarr").rglob("*") if p.is_file() and "c" in p.parts)
+    assert files, "no chunk files in the store"
+    return files
+
+
+def test_outputs(first):
+    out = first.out
+    for name in ("results.csv", "probe.csv", "summary.csv", "summary.md", "accuracy_vs_factor.png",
+                 "learning_curves.png", "target_diagnostics.csv", "experiment.json", "known/known.pt"):
+        assert (out / name).is_file(), name
+
+    results = pd.read_csv(out / "results.csv")
+    assert {"method", "factor", "seed", "epoch", "phase", "test_acc"} <= set(results.columns)
+    assert set(map(tuple, results[["method", "factor"]].drop_duplicates().itertuples(index=False))) == EXPECTED
+    for (method, factor), g in results.groupby(["method", "factor"]):
+        assert sorted(g.seed.unique()) == list(range(SEEDS)), (method, factor)
+        # phase 1 + phase 2 epochs, one row each, per seed
+        assert (g.groupby("seed").size() == 2).all(), (method, factor)
+    assert results.test_acc.between(0, 1, inclusive="right").all()
+    assert results.test_acc.notna().all()
+
+    probe = pd.read_csv(out / "probe.csv")
+    assert len(probe) == len(EXPECTED) * SEEDS
+    assert probe.acc.between(0, 1, inclusive="right").all()
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(map(tuple, summary[["method", "factor"]].itertuples(index=False))) == EXPECTED
+    assert (summary.n_seeds == SEEDS).all()
+    assert summary.ft_mean.between(0, 1, inclusive="right").all()
+    md = (out / "summary.md").read_text()
+    assert "KNOW experiment (quick)" in md and "know" in md and "taskvector" in md
+
+    for png in ("accuracy_vs_factor.png", "learning_curves.png"):
+        with Image.open(out / png) as im:
+            im.load()
+            assert im.format == "PNG" and min(im.size) > 100
+
+    diag = pd.read_csv(out / "target_diagnostics.csv")
+    assert set(diag.predictor) == {"identity", "taskvector", "logfit", "know (ours)", "know (official)"}
+    assert set(diag.kind) == {"conv", "fc", "bias", "all"}
+    assert diag.held_out_stage.unique().tolist() == [0, 1]  # 7 stages, window 5
+    assert (diag.l1 > 0).all() and diag.coherence.notna().all()
+
+    cells = list((out / "cells").glob("*.json"))
+    assert len(cells) == len(EXPECTED) * SEEDS
+    assert json.loads((out / "experiment.json").read_text()) == first.params.identity()
+
+
+def test_rerun_reuses_every_stage(first):
+    from flows.experiment import know_run
+
+    out = first.out
+    cells = sorted((out / "cells").iterdir())
+    chunks = _chunks(out)
+    models = sorted((out / "known").rglob("known.pt"))
+    for f in chunks + cells + models:
+        os.utime(f, ns=(OLD_NS, OLD_NS))
+    summary = (out / "summary.csv").read_bytes()
+    results = (out / "results.csv").read_bytes()
+
+    t0 = time.perf_counter()
+    assert know_run(first.params) == str(out)
+    seconds = time.perf_counter() - t0
+
+    assert sorted((out / "cells").iterdir()) == cells, "new cells were computed"
+    assert _chunks(out) == chunks, "the store gained arrays"
+    stale = [f for f in chunks + cells + models if os.stat(f).st_mtime_ns != OLD_NS]
+    assert not stale, f"rewritten on re-run: {stale[:3]}"
+    assert (out / "summary.csv").read_bytes() == summary
+    assert (out / "results.csv").read_bytes() == results
+    # at this size most of a re-run is Prefect's per-flow overhead (~1 s per subflow); the checks
+    # above are what prove that nothing was recomputed
+    assert seconds < first.seconds, (seconds, first.seconds)
+
+
+def test_other_experiment_in_same_folder_is_refused_unless_forced(first):
+    from flows.experiment import know_run
+    from tasks.common import BadInput
+
+    out = first.out
+    record = (out / "experiment.json").read_text()
+    other = _params(out, seeds=1)
+    with pytest.raises(BadInput) as err:
+        know_run(other)
+    msg = str(err.value)
+    assert "\n" not in msg and "holds a different experiment" in msg and "seeds" in msg and "--force" in msg
+    assert (out / "experiment.json").read_text() == record
+    n_cells = len(list((out / "cells").glob("*.json")))
+
+    # forced: runs (every stage cached: seed 0 of each method was fine-tuned before) and takes over the folder
+    assert know_run(other.model_copy(update={"force": True})) == str(out)
+    assert len(list((out / "cells").glob("*.json"))) == n_cells
+    results = pd.read_csv(out / "results.csv")
+    assert results.seed.unique().tolist() == [0]
+    assert json.loads((out / "experiment.json").read_text())["seeds"] == 1
+
+
+def test_cli_refuses_other_experiment(first):
+    """A real `know run` process: refused before any flow starts, so stderr holds only the error line."""
+    from prefect.settings import PREFECT_API_URL
+
+    record = (first.out / "experiment.json").read_text()
+    root = Path(know_cli.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(root / "know_cli.py"), "run", "--preset", "quick", "--out", str(first.out)],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "holds a different experiment" in lines[0], proc.stderr
+    assert (first.out / "experiment.json").read_text() == record
+
+
+def test_unknown_preset(tmp_path, capfd):
+    from flows.experiment import preset_params
+    from tasks.common import BadInput
+
+    with pytest.raises(BadInput, match="unknown preset 'nope'; choose one of: standard, full, mnist, half-data, quick"):
+        preset_params("nope")
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        know_cli.main(["run", "--preset", "nope", "--out", str(tmp_path / "x")])
+    _, err = capfd.readouterr()
+    assert exc.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown preset 'nope'" in lines[0]
+    assert not (tmp_path / "x").exists()
