@@ -189,6 +189,6 @@ def forgetting_trajectory(params: TrajectoryParams = TrajectoryParams()) -> str:
         store = TrajectoryStore(params.store)
         store.prepare()
         ckpt = pretrain(params.store, pre, params.device)
-        run_id = collect_run(params.store, run, params.device)
+        run_id = collect_run(params.store, run, params.device, threads=0)  # runs alone: every core
         print(f"target trajectory {run_id} (from checkpoint {ckpt}) is complete")
         return run_id

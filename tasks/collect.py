@@ -22,10 +22,12 @@ from .specs import DataSpec, RunSpec
 
 @task(name="train-trajectory", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
       task_run_name="trajectory-{spec.model}-{spec.dataset}-seed{spec.seed}")
-def collect_run(store_url: str, spec: RunSpec, device: str = "auto") -> str:
-    """Train one trajectory and stream each stage's weights into the store. Returns the run id."""
+def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: int = 1) -> str:
+    """Train one trajectory and stream each stage's weights into the store. Returns the run id.
+
+    threads: torch threads (1 in a fan-out; 0 = every core for a run that trains alone)."""
     log = run_logger()
-    set_torch_threads()
+    set_torch_threads(threads)
     store = TrajectoryStore(store_url)
     run_id = spec.run_id
     status = store.run_status(run_id)
@@ -79,10 +81,10 @@ class PretrainSpec(DataSpec):
 
 @task(name="pretrain", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
       task_run_name="pretrain-{spec.model}-{spec.dataset}-seed{spec.seed}")
-def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto") -> str:
+def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto", threads: int = 0) -> str:
     """Pre-train a model on the full source data and keep its checkpoint in the store."""
     log = run_logger()
-    set_torch_threads()
+    set_torch_threads(threads)
     store = TrajectoryStore(store_url)
     ckpt = spec.checkpoint_id
     if (store.checkpoint_attrs(ckpt) or {}).get("status") == "complete":

@@ -95,7 +95,7 @@ def predictor_config(spec: PredictSpec) -> tuple[PredictorConfig, str]:
 def predict_run(spec: PredictSpec) -> str:
     """Stream the trajectory block by block through the predictor into predictions/<run>/<name>."""
     log = run_logger()
-    set_torch_threads()
+    set_torch_threads(0)  # prediction runs alone: use every core
     store = TrajectoryStore(spec.store)
     attrs, cfg = prediction_inputs(spec, store)
     name = spec.output_name
