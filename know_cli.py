@@ -65,25 +65,40 @@ def watch_runs(store_url: str, run_ids: list[str], label: str = "run"):
 
     from storage.trajectory import TrajectoryStore
 
-    stop = threading.Event()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
     bars = {rid: progress.add_task(f"{label} {rid}", total=None, status="queued") for rid in run_ids}
 
-    def poll():
-        store = None
-        while not stop.wait(0.5):
-            try:
-                store = store or TrajectoryStore(store_url)
-                for rid, bar in bars.items():
-                    attrs = store.run_attrs(rid) or {}
-                    if attrs:
-                        progress.update(bar, total=attrs.get("n_stages"), completed=attrs.get("stages_written", 0),
-                                        status=attrs.get("status", ""))
-            except Exception:  # noqa: BLE001 - progress must never break the run
-                pass
+    def refresh():
+        store = TrajectoryStore(store_url)
+        for rid, bar in bars.items():
+            attrs = store.run_attrs(rid) or {}
+            if attrs:
+                progress.update(bar, total=attrs.get("n_stages"), completed=attrs.get("stages_written", 0),
+                                status=attrs.get("status", ""))
 
-    thread = threading.Thread(target=poll, daemon=True)
+    with polling(progress, refresh, 0.5):
+        yield
+
+
+@contextmanager
+def polling(progress, refresh, interval: float):
+    """Show `progress` and call `refresh` every `interval` s in a thread, and once at the end.
+
+    Errors in `refresh` are swallowed: progress display must never break the run."""
+    def safe_refresh():
+        try:
+            refresh()
+        except Exception:  # noqa: BLE001
+            pass
+
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(interval):
+            safe_refresh()
+
+    thread = threading.Thread(target=loop, daemon=True)
     with progress:
         thread.start()
         try:
@@ -91,15 +106,7 @@ def watch_runs(store_url: str, run_ids: list[str], label: str = "run"):
         finally:
             stop.set()
             thread.join()
-            # one last refresh so the final state is visible
-            try:
-                store = TrajectoryStore(store_url)
-                for rid, bar in bars.items():
-                    attrs = store.run_attrs(rid) or {}
-                    progress.update(bar, total=attrs.get("n_stages"), completed=attrs.get("stages_written", 0),
-                                    status=attrs.get("status", ""))
-            except Exception:  # noqa: BLE001
-                pass
+            safe_refresh()  # one last refresh so the final state is visible
 
 
 Runner = Literal["thread", "dask"]
@@ -507,7 +514,6 @@ def watch_experiment(p):
         "target trajectory": p.window + 2,
         "evaluate cells": len(methods) * p.seeds + (len(p.naive_lr_grid.split(",")) if any(m == "naive-lr" for m, _ in methods) else 0),
     }
-    stop = threading.Event()
     progress = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)
     bars = {name: progress.add_task(name, total=total) for name, total in totals.items()}
@@ -524,25 +530,8 @@ def watch_experiment(p):
         if cells.exists():
             progress.update(bars["evaluate cells"], completed=len(list(cells.glob("*.json"))))
 
-    def poll():
-        while not stop.wait(1.0):
-            try:
-                refresh()
-            except Exception:  # noqa: BLE001 - progress must never break the run
-                pass
-
-    thread = threading.Thread(target=poll, daemon=True)
-    with progress:
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            try:
-                refresh()
-            except Exception:  # noqa: BLE001
-                pass
+    with polling(progress, refresh, 1.0):
+        yield
 
 
 @app.command
