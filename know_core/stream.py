@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .layout import TensorSpec
-from .predict import NonFiniteError, PredictorConfig, predict_steps, sizes_from_stages, window_from_stages
+from .predict import NonFiniteError, PredictorConfig, predict_steps, sizes_from_stages
 
 
 def segments(layout: list[TensorSpec], c0: int, c1: int) -> list[tuple[TensorSpec, int, int]]:
@@ -32,6 +32,35 @@ def segments(layout: list[TensorSpec], c0: int, c1: int) -> list[tuple[TensorSpe
         if lo < hi:
             out.append((spec, lo - c0, hi - c0))
     return out
+
+
+#: columns predicted per predict_steps call: the recurrence keeps ~5 arrays the size of its
+#: input (the window, its transpose, the shifted window, the predictions), so pieces of 1M
+#: columns bound that to ~100 MB whatever the block; a 4M-value block of a 100M-parameter
+#: model peaked 0.3 GB lower (benchmarks/bench_stream.py), at the same speed
+PIECE_COLUMNS = 1 << 20
+
+
+def column_pieces(spans: list[tuple[int, int]], size: int = PIECE_COLUMNS):
+    """Cover the column spans [a, b), in order, with selections of at most `size` columns: a
+    slice where a piece is one contiguous span, else an index array."""
+    piece, n = [], 0
+    for a, b in spans:
+        while a < b:
+            take = min(b - a, size - n)
+            piece.append((a, a + take))
+            n, a = n + take, a + take
+            if n == size:
+                yield _selection(piece)
+                piece, n = [], 0
+    if piece:
+        yield _selection(piece)
+
+
+def _selection(piece: list[tuple[int, int]]):
+    if len(piece) == 1:
+        return slice(*piece[0])
+    return np.concatenate([np.arange(a, b) for a, b in piece])
 
 
 def predict_block(
@@ -49,14 +78,15 @@ def predict_block(
     Raises NonFiniteError naming the first tensor with a non-finite prediction.
     """
     rows, m = stages.shape
-    window = window_from_stages(torch.from_numpy(np.ascontiguousarray(stages)), rows)
     sizes = sizes_from_stages(stage_sizes[:rows], rows)
     out = np.empty((steps, m), dtype=np.float32)
     segs = segments(layout, c0, c0 + m)
     for kind in {spec.kind for spec, _, _ in segs}:
-        cols = np.concatenate([np.arange(a, b) for spec, a, b in segs if spec.kind == kind])
-        pred = predict_steps(cfg, window[:, cols], kind, sizes, steps)
-        out[:, cols] = pred.numpy()
+        for cols in column_pieces([(a, b) for spec, a, b in segs if spec.kind == kind]):
+            # one copy: gather the columns and reverse the rows (store order -> window order, as
+            # window_from_stages) together; flipping first, then gathering, copied twice
+            window = torch.from_numpy(np.ascontiguousarray(stages[::-1][:, cols]))
+            out[:, cols] = predict_steps(cfg, window, kind, sizes, steps).numpy()
     bad = ~np.isfinite(out).all(axis=0)
     if bad.any():
         col = int(np.argmax(bad))
