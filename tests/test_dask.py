@@ -240,8 +240,10 @@ def test_gpu_annotation_limits_one_run_per_gpu_worker(tmp_path):
     # the control: without the annotation the same workers do use both threads
     assert all(not r for r in free.restrictions.values())
     free_done = [r for r in free.done if r["status"] == "memory"]
+    # >= 2, not == 2: worker clocks drift by ~ms, so the overlap count can read one high
+    # (seen as 3 when run after the other Dask tests); the point is that both threads ran
     assert max(_max_concurrency([r for r in free_done if r["worker"] == w])
-               for w in {r["worker"] for r in free_done}) == 2
+               for w in {r["worker"] for r in free_done}) >= 2
 
 
 def test_seeded_init_is_thread_safe():
