@@ -71,7 +71,7 @@ def _detach(cluster) -> None:
 #: workers report compute times shifted by their current estimate of the scheduler's clock
 #: offset, which drifts by a millisecond or so between two tasks: overlaps shorter than this
 #: are measurement noise, not two tasks running at once
-SLACK_S = 0.05
+SLACK_S = 0.25  # worker compute timestamps drift by ms and, under load, by ~0.1 s; a real double booking overlaps by a whole run (seconds)
 
 
 def _overlap(a: dict, b: dict) -> bool:
