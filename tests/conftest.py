@@ -60,3 +60,16 @@ def make_store(tmp_path):
         return TrajectoryStore(tmp_path / name, **kwargs)
 
     return make
+
+
+def collect_small_world(store) -> tuple[list[str], str]:
+    """Three simple-cnn and three mlp meta runs (7 stages, digits) plus a 7-stage resnet
+    target run, collected into `store`; returns (meta run ids, target run id)."""
+    from flows.collect import CollectParams, TrajectoryParams, collect_trajectories, forgetting_trajectory
+
+    meta_ids = collect_trajectories(CollectParams(store=str(store), dataset="digits", models="simple-cnn,mlp", runs=3,
+                                                  stages=7, limit=600, workers=2))
+    target = forgetting_trajectory(TrajectoryParams(store=str(store), dataset="digits", classes="0-4", model="resnet",
+                                                    width=8, stages=7, pretrain_epochs=1, batch_size=8,
+                                                    pretrain_batch_size=32))
+    return meta_ids, target

@@ -31,15 +31,11 @@ EPOCHS, PAIRS = 2, 2000
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_harness):
     """Three simple-cnn and three mlp meta runs (7 stages) plus a resnet target run."""
-    from flows.collect import CollectParams, TrajectoryParams, collect_trajectories, forgetting_trajectory
+    from conftest import collect_small_world
 
     root = tmp_path_factory.mktemp("meta")
     store = root / "runs.zarr"
-    meta_ids = collect_trajectories(CollectParams(store=str(store), dataset="digits", models="simple-cnn,mlp", runs=3,
-                                                  stages=7, limit=600, workers=2))
-    target = forgetting_trajectory(TrajectoryParams(store=str(store), dataset="digits", classes="0-4", model="resnet",
-                                                    width=8, stages=7, pretrain_epochs=1, batch_size=8,
-                                                    pretrain_batch_size=32))
+    meta_ids, target = collect_small_world(store)
     return SimpleNamespace(root=root, store=store, meta_ids=meta_ids, target=target)
 
 

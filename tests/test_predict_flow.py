@@ -82,16 +82,12 @@ def _assert_one_line_error(code: int, err: str, *expected: str) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_harness):
-    from flows.collect import CollectParams, TrajectoryParams, collect_trajectories, forgetting_trajectory
+    from conftest import collect_small_world
     from flows.predict import MetaTrainParams, meta_train_known
 
     root = tmp_path_factory.mktemp("predict")
     store = root / "runs.zarr"
-    meta_ids = collect_trajectories(CollectParams(store=str(store), dataset="digits", models="simple-cnn,mlp", runs=3,
-                                                  stages=7, limit=600, workers=2))
-    target = forgetting_trajectory(TrajectoryParams(store=str(store), dataset="digits", classes="0-4", model="resnet",
-                                                    width=8, stages=7, pretrain_epochs=1, batch_size=8,
-                                                    pretrain_batch_size=32))
+    meta_ids, target = collect_small_world(store)
     known = root / "ours"
     meta_train_known(MetaTrainParams(store=str(store), out=str(known), exclude_runs=target, epochs=1,
                                      pairs_per_run=1000, compare_modes=False))
