@@ -5,23 +5,21 @@ the two tools that §2 asks for when a predicted checkpoint is evaluated:
 
 * ``finetune``       replace the head, train head + norm affine (phase 1), then everything
                      under a cosine schedule (phase 2); test accuracy after every epoch.
-* ``recalibrate_bn`` re-estimate BatchNorm running statistics with a cumulative average over
-                     forward passes (no gradients).  KNOW shrinks conv kernels, so Θ0's
-                     statistics no longer fit a predicted model; this restores them.
-* ``linear_probe``   frozen backbone, standardised ``forward_features``, multinomial logistic
-                     regression fitted by full-batch L-BFGS.
+* ``recalibrate_bn`` and ``linear_probe`` are in know_core.probe.
 * ``evaluate``       accuracy and mean cross-entropy in eval mode.
 
 Models follow the project contract: an ``nn.Module`` with ``forward_features(x) -> (N, F)``
 and ``head: nn.Linear``, where ``forward(x) == head(forward_features(x))``.  Images are
 float32 ``(N, C, H, W)`` tensors in [0, 1], labels int64 ``(N,)``.  Everything here is pure
-torch: no files, no pipeline objects.
+torch: no files, no pipeline objects.  The epoch loop, the device choice and the accuracy
+count are ``know_core.train``'s (``run_epoch``, ``pick_device``, ``count_correct``).
 
 Example (runs as is; the tiny model stands in for ``know_core.models``)::
 
     import torch
     from torch import nn
-    from know_core.evaluate import FinetuneConfig, finetune, linear_probe, recalibrate_bn
+    from know_core.evaluate import FinetuneConfig, finetune
+    from know_core.probe import linear_probe, recalibrate_bn
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -57,13 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .train import batch_slices, count_correct, pick_device, run_epoch
+
 __all__ = [
     "FinetuneConfig",
     "replace_head",
     "finetune",
     "evaluate",
-    "recalibrate_bn",
-    "linear_probe",
     "resolve_device",
 ]
 
@@ -107,31 +105,14 @@ class FinetuneConfig:
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
-    """Return a usable device: the one asked for, CPU if CUDA was asked for but is absent,
-    or (``device=None``) the device of ``model``'s first parameter/buffer, else CPU."""
-    if device is None:
-        if model is not None:
-            for t in list(model.parameters()) + list(model.buffers()):
-                return t.device
-        return torch.device("cpu")
-    dev = torch.device(device)
+    """``train.pick_device`` (``device=None``: the device of ``model``'s first parameter/
+    buffer, else CPU), except that a CUDA request without CUDA falls back to CPU with a
+    warning."""
+    dev = pick_device(device, model)
     if dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"device {device!r} requested but CUDA is not available; using CPU")
         return torch.device("cpu")
     return dev
-
-
-def _batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) pairs covering range(n).  A trailing batch of a single sample is
-    folded into the previous batch: BatchNorm cannot take a batch of one in train mode."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    edges = list(range(0, n, batch_size)) + [n]
-    slices = [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
-    if len(slices) > 1 and slices[-1][1] - slices[-1][0] == 1:
-        last = slices.pop()
-        slices[-1] = (slices[-1][0], last[1])
-    return slices
 
 
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -217,15 +198,8 @@ def evaluate(
         return float("nan"), float("nan")
     modes = _module_modes(model)
     model.eval()
-    correct = 0
-    loss_sum = 0.0
     try:
-        for start in range(0, n, batch_size):
-            xb = x[start:start + batch_size].to(dev, non_blocking=True)
-            yb = y[start:start + batch_size].to(dev, non_blocking=True)
-            logits = model(xb)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
+        correct, loss_sum = count_correct(model, x, y, batch_size, dev, with_loss=True)
     finally:
         _restore_modes(modes)
     return correct / n, loss_sum / n
@@ -243,20 +217,9 @@ def _train_epoch(
     gen: torch.Generator,
     dev: torch.device,
 ) -> float:
-    model.train()
-    n = x.shape[0]
-    order = torch.randperm(n, generator=gen)
-    loss_sum = 0.0
-    for start, stop in _batch_slices(n, batch_size):
-        idx = order[start:stop]
-        xb = x[idx].to(dev, non_blocking=True)
-        yb = y[idx].to(dev, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item() * (stop - start)
-    return loss_sum / n
+    """``train.run_epoch`` as fine-tuning runs it: no augmentation, and a trailing batch
+    of one sample merged into the previous one (BatchNorm in train mode)."""
+    return run_epoch(model, opt, x, y, batch_size, gen, dev, merge_single=True)
 
 
 def finetune(
@@ -352,162 +315,3 @@ def finetune(
 
 
 # --------------------------------------------------------------------------- BN stats
-
-
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
-@torch.no_grad()
-def recalibrate_bn(
-    model: nn.Module,
-    x: Tensor,
-    batch_size: int = 128,
-    max_batches: int | None = None,
-    device: str | torch.device | None = None,
-    shuffle: bool = True,
-    seed: int = 0,
-) -> nn.Module:
-    """Re-estimate every BatchNorm layer's running mean/var from images ``x``; in place.
-
-    Running stats are reset and ``momentum`` set to ``None``, so PyTorch keeps a cumulative
-    (equal-weight per batch) average of the batch statistics; ``x`` is passed through the
-    model in batches with no gradients, with the BN layers in train mode.  Other modules
-    (dropout etc.) stay in eval mode so the statistics match what inference sees.  Then the
-    original momenta are restored and the model is put in eval mode.
-
-    ``shuffle`` (seeded by ``seed``) mixes classes within each batch, which matters when
-    ``x`` is sorted by class: per-batch variances of class-sorted batches underestimate the
-    data variance.  ``max_batches`` limits the passes.  A trailing batch of one sample is
-    merged into the previous one.  No BN layer tracking stats -> ``model`` is returned
-    untouched.
-    """
-    bns = _batchnorms(model)
-    if not bns:
-        return model
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("recalibrate_bn needs at least one image")
-    dev = resolve_device(device, model)
-    model.to(dev)
-    momenta = [bn.momentum for bn in bns]
-    order = (torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-             if shuffle else torch.arange(n))
-    slices = _batch_slices(n, batch_size)
-    if max_batches is not None:
-        slices = slices[:max(1, int(max_batches))]
-    model.eval()
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        for start, stop in slices:
-            model(x[order[start:stop]].to(dev, non_blocking=True))
-    finally:
-        for bn, mom in zip(bns, momenta):
-            bn.momentum = mom
-        model.eval()
-    return model
-
-
-# --------------------------------------------------------------------------- linear probe
-
-
-@torch.no_grad()
-def _features(model: nn.Module, x: Tensor, batch_size: int, dev: torch.device) -> Tensor:
-    out = []
-    for start in range(0, x.shape[0], batch_size):
-        out.append(model.forward_features(x[start:start + batch_size].to(dev)).flatten(1))
-    if not out:
-        raise ValueError("no images to extract features from")
-    return torch.cat(out)
-
-
-def linear_probe(
-    model: nn.Module,
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    recalibrate: bool = True,
-    max_iter: int = 200,
-    l2: float = 1e-3,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-    num_classes: int | None = None,
-    tol: float = 1e-6,
-) -> dict:
-    """Linear-probe accuracy of ``model``'s frozen features.
-
-    With ``recalibrate`` the BN statistics are first re-estimated on the training images
-    (on a deep copy: the caller's model is never changed).  Features from
-    ``forward_features`` in eval mode are standardised with the training mean/std, and a
-    multinomial logistic regression (weights W, bias b; loss = mean CE + l2/2·||W||²) is
-    fitted in float64 by full-batch L-BFGS with strong-Wolfe line search, for at most
-    ``max_iter`` iterations or until the largest gradient entry falls below ``tol``.
-
-    Returns ``{"acc", "loss"}`` on the test set (loss: mean CE, no penalty) plus
-    ``train_acc``, ``train_loss`` (penalised objective), ``n_iter``, ``grad_max`` and
-    ``converged``.
-    """
-    xtr, ytr = _check_pair(train, "train")
-    xte, yte = _check_pair(test, "test")
-    dev = resolve_device(device, model)
-    modes = _module_modes(model)
-    net = model
-    if recalibrate and _batchnorms(model):
-        net = recalibrate_bn(copy.deepcopy(model), xtr, batch_size=128, device=dev)
-    net.to(dev)
-    net.eval()
-    try:
-        ftr = _features(net, xtr, batch_size, dev).double()
-        fte = _features(net, xte, batch_size, dev).double()
-    finally:
-        _restore_modes(modes)
-
-    mean = ftr.mean(0)
-    std = ftr.std(0, unbiased=False)
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))  # constant features -> 0
-    ftr = (ftr - mean) / std
-    fte = (fte - mean) / std
-    ytr = ytr.to(dev)
-    yte = yte.to(dev)
-
-    k = int(num_classes) if num_classes is not None else int(max(ytr.max(), yte.max()).item()) + 1
-    w = torch.zeros(ftr.shape[1], k, dtype=torch.float64, device=dev, requires_grad=True)
-    b = torch.zeros(k, dtype=torch.float64, device=dev, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4 + 10,
-        tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def objective() -> Tensor:
-        return F.cross_entropy(ftr @ w + b, ytr) + 0.5 * l2 * (w * w).sum()
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        with torch.enable_grad():
-            loss = objective()
-            loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.enable_grad():
-        final = closure()
-    grad_max = max(w.grad.abs().max().item(), b.grad.abs().max().item())
-    n_iter = int(opt.state[w].get("n_iter", 0))
-
-    logits_te = fte @ w.detach() + b.detach()
-    logits_tr = ftr @ w.detach() + b.detach()
-    return {
-        "acc": (logits_te.argmax(1) == yte).double().mean().item(),
-        "loss": F.cross_entropy(logits_te, yte).item(),
-        "train_acc": (logits_tr.argmax(1) == ytr).double().mean().item(),
-        "train_loss": final.item(),
-        "n_iter": n_iter,
-        "grad_max": grad_max,
-        "converged": grad_max <= tol,
-    }

@@ -10,14 +10,8 @@ import torch
 from torch import nn
 
 from know_core import evaluate as ev
-from know_core.evaluate import (
-    FinetuneConfig,
-    evaluate,
-    finetune,
-    linear_probe,
-    recalibrate_bn,
-    replace_head,
-)
+from know_core.evaluate import FinetuneConfig, evaluate, finetune, replace_head
+from know_core.probe import linear_probe, recalibrate_bn
 
 CHANCE = 0.1  # ten digit classes
 

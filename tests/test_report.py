@@ -1,4 +1,4 @@
-"""know_core.report and storage.results on synthetic tables with known answers."""
+"""know_core.stats / verdict / plots and storage.results on synthetic tables with known answers."""
 from __future__ import annotations
 
 import doctest
@@ -9,16 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from know_core import report
-from know_core.report import (
-    final_accuracy,
-    paired_bootstrap_ci,
-    plot_accuracy_vs_factor,
-    plot_learning_curves,
-    summarize,
-    summary_markdown,
-    verdict,
-)
+from know_core import plots, verdict as verdict_module
+from know_core import stats as report
+from know_core.plots import plot_accuracy_vs_factor, plot_learning_curves
+from know_core.stats import final_accuracy, paired_bootstrap_ci, summarize
+from know_core.verdict import summary_markdown, verdict
 from storage.results import load_table, save_figure, save_table, save_text
 
 NAIVE = [0.90, 0.91, 0.92, 0.93, 0.94]  # final accuracy per seed 0..4
@@ -251,7 +246,7 @@ def test_report_imports_no_matplotlib_eagerly():
     import subprocess
     import sys
 
-    code = ("import sys, know_core.report, storage.results; "
+    code = ("import sys, know_core.stats, know_core.verdict, know_core.plots, storage.results; "
             "print(any(m.startswith('matplotlib') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -260,3 +255,9 @@ def test_report_imports_no_matplotlib_eagerly():
 
 def test_module_docstring_example_runs():
     assert doctest.testmod(report, raise_on_error=False).failed == 0
+
+
+@pytest.mark.parametrize("module", [verdict_module, plots], ids=lambda m: m.__name__)
+def test_other_module_docstring_examples_run(module):  # stats: test_module_docstring_example_runs
+    res = doctest.testmod(module, raise_on_error=False)
+    assert res.attempted > 0 and res.failed == 0
