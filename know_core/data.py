@@ -24,11 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import BadInput, MissingData
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(MissingData):
     """A data set's files are missing; the message says how to install them."""
+
+
+class UnsafeFileError(BadInput):
+    """A file is not what it should be: loading it would run code or build objects its
+    format never holds, or it is corrupt. The one-line message names the file."""
 
 
 @dataclass
@@ -55,6 +62,10 @@ class ImageData:
 
     def select_classes(self, classes: list[int]) -> "ImageData":
         """Keep only `classes`, relabelled 0..len(classes)-1 in the given order."""
+        absent = [c for c in classes if not 0 <= c < self.num_classes]
+        if absent:
+            raise BadInput(f"classes {', '.join(map(str, absent))} do not exist in {self.name} (it has classes "
+                           f"0-{self.num_classes - 1}); fix --classes")
         keep = torch.isin(self.y, torch.tensor(classes))
         remap = torch.full((int(self.y.max()) + 1,), -1, dtype=torch.long)
         remap[torch.tensor(classes)] = torch.arange(len(classes))
@@ -81,15 +92,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise BadInput(f"{path} is not an IDX file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in dtypes:
-        raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
+        raise BadInput(f"{path}: unknown IDX element type 0x{data[2]:02x}")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, file holds {arr.size} values")
+        raise BadInput(f"{path}: header says {shape}, file holds {arr.size} values")
     return arr.reshape(shape)
 
 
@@ -112,8 +123,74 @@ def load_idx_dir(root: str | os.PathLike, split: str, name: str, install_hint: s
     return ImageData(_images(read_idx(img), 255.0), _labels(y), name, int(y.max()) + 1)
 
 
+# (module, name) -> where numpy 2 keeps it. A CIFAR python batch (written by Python 2's
+# cPickle, or re-pickled on Python 3 at any protocol) holds dicts, lists, strings and
+# numpy arrays; rebuilding those needs only these globals. numpy 1.x wrote numpy.core.*,
+# numpy 2 writes numpy._core.*, protocol 5 uses _frombuffer. (Python 3 at protocol 2
+# writes bytes as _codecs.encode(str, 'latin1'): allowed for 'latin1' only, below.)
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    **{(f"numpy.{core}.{mod}", name): (f"numpy._core.{mod}", name)
+       for core in ("core", "_core")
+       for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR python batch holds; any other global raises UnsafeFileError.
+
+    Plain pickle.load calls whatever the file names (os.system, ...), so a file planted in
+    --data-dir would run code; this one refuses before anything is called.
+    """
+
+    def __init__(self, file, path: str | os.PathLike):
+        super().__init__(file, encoding="bytes")  # python 2 str -> bytes, as CIFAR's keys are
+        self.path = path
+
+    def _refuse(self, what: str) -> UnsafeFileError:
+        return UnsafeFileError(
+            f"{self.path}: refusing to unpickle {what} (a CIFAR batch holds only dicts, lists, strings "
+            f"and numpy arrays); the file is not a CIFAR python batch"
+        )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            def latin1_encode(text, encoding="latin1"):
+                if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+                    raise self._refuse(f"'_codecs.encode' with {encoding!r}")
+                return text.encode("latin1")
+            return latin1_encode
+        target = _CIFAR_GLOBALS.get((module, name))
+        if target is None:
+            raise self._refuse(f"'{module}.{name}'")
+        return getattr(importlib.import_module(target[0]), target[1])
+
+
+def read_cifar_batch(path: str | os.PathLike) -> dict:
+    """One CIFAR python batch (a pickled dict), read with RestrictedUnpickler.
+
+    A file that names anything else, or that is corrupt, raises UnsafeFileError."""
+    with open(path, "rb") as fh:
+        try:
+            batch = RestrictedUnpickler(fh, path).load()  # restricted unpickler: see RestrictedUnpickler
+        except UnsafeFileError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- truncated/garbled: numpy and pickle raise many kinds
+            reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+            raise UnsafeFileError(f"{path}: not a readable CIFAR python batch ({reason})") from None
+    if not isinstance(batch, dict):
+        raise UnsafeFileError(f"{path}: not a CIFAR python batch (it holds a {type(batch).__name__}, not a dict)")
+    if b"data" not in batch:
+        raise UnsafeFileError(f"{path}: not a CIFAR python batch (no b'data' key)")
+    return batch
+
+
 def load_cifar(root: str | os.PathLike, split: str = "train", classes: int = 10) -> ImageData:
-    """CIFAR-10/100 from the python pickle batches (data_batch_*, test_batch / train, test)."""
+    """CIFAR-10/100 from the python pickle batches (data_batch_*, test_batch / train, test).
+
+    The batches are read with RestrictedUnpickler: a file naming any other global (code
+    to run) raises UnsafeFileError, a one-line ValueError naming the file."""
     root = Path(root)
     if classes == 10:
         files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
@@ -122,7 +199,7 @@ def load_cifar(root: str | os.PathLike, split: str = "train", classes: int = 10)
         files = [root / ("train" if split == "train" else "test")]
         label_key = b"fine_labels"
     else:
-        raise ValueError(f"CIFAR has 10 or 100 classes, not {classes}")
+        raise BadInput(f"CIFAR has 10 or 100 classes, not {classes}")
     if not files or not all(f.exists() for f in files):
         raise DatasetNotFound(
             f"cifar{classes}: no python batches in {root}; pass the directory of the extracted "
@@ -130,8 +207,9 @@ def load_cifar(root: str | os.PathLike, split: str = "train", classes: int = 10)
         )
     xs, ys = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+        batch = read_cifar_batch(f)
+        if label_key not in batch:
+            raise UnsafeFileError(f"{f}: not a CIFAR-{classes} python batch (no {label_key!r} key)")
         xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(batch[label_key]))
     return ImageData(_images(np.concatenate(xs), 255.0), _labels(np.concatenate(ys)), f"cifar{classes}", classes)
@@ -206,7 +284,7 @@ DATASETS = ("digits", "fashion-mnist", "mnist5k", "cifar10", "cifar100", "image-
 def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -> ImageData:
     """Load a data set by name. `data_dir` overrides the default location where one applies."""
     if split not in ("train", "test", "all") or (split == "all" and name not in ("digits", "mnist5k")):
-        raise ValueError(f"unknown split {split!r} for {name}; use 'train' or 'test'")
+        raise BadInput(f"unknown split {split!r} for {name}; use 'train' or 'test'")
     if name == "digits":
         return load_digits(split)
     if name == "fashion-mnist":
@@ -221,7 +299,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
         if data_dir is None:
             raise DatasetNotFound("image-folder: pass the folder (root/<split>/<class>/<image>) with --data-dir")
         return load_image_folder(Path(data_dir) / split)
-    raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    raise BadInput(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
 # -- nested subsets ---------------------------------------------------------------------
@@ -247,7 +325,7 @@ def balanced_subset(labels: torch.Tensor, total: int, seed: int) -> np.ndarray:
     for c in classes:
         idx = np.flatnonzero(y == c)
         if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} examples, fewer than the {per_class} a balanced subset of {total} needs")
+            raise BadInput(f"class {c} has {len(idx)} examples, fewer than the {per_class} a balanced subset of {total} needs")
         picks.append(rng.choice(idx, size=per_class, replace=False))
     return np.sort(np.concatenate(picks))
 
@@ -263,3 +341,27 @@ def balanced_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+# -- class subsets ------------------------------------------------------------------------
+
+def parse_classes(text: str) -> list[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '5,7,9' -> [5, 7, 9]; '' -> [] (all classes).
+
+    A malformed list raises BadInput saying what a valid one looks like."""
+    from .errors import BadInput
+
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        if not lo.strip().isdigit() or (sep and not hi.strip().isdigit()):
+            raise BadInput(f"{part!r} is not a class list such as '0-4' or '5,7,9' (non-negative integers)")
+        if sep:
+            if int(hi) < int(lo):
+                raise BadInput(f"class range {part!r} is reversed; write {hi.strip()}-{lo.strip()}")
+            out += list(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(lo))
+    if len(set(out)) != len(out):
+        raise BadInput(f"{text!r} names a class twice")
+    return out

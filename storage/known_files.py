@@ -9,11 +9,38 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
+from know_core.errors import MissingData
+from know_core.data import UnsafeFileError  # noqa: F401 -- re-exported: what the loaders raise
+
 KNOWN_FILE = "known.pt"
+
+
+def safe_torch_load(path: str | os.PathLike, what: str) -> dict:
+    """torch.load(weights_only=True): tensors, dicts, lists, tuples, str and numbers only.
+
+    A file that holds anything else (a pickled callable would run code under plain
+    torch.load), or that is corrupt, raises UnsafeFileError: one line naming the file and
+    `what` it should have been. Errors opening the file (OSError) pass through as they are.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise UnsafeFileError(f"{path}: refusing to load '{found.group(1)}' ({what} holds only tensors, "
+                                  f"dicts, lists, strings and numbers); the file is not {what}") from None
+        raise UnsafeFileError(f"{path}: not {what} (it is not a torch.save file of tensors and plain values)") from None
+    except Exception as e:  # noqa: BLE001 -- truncated zip (RuntimeError), empty file (EOFError), ...
+        reason = (str(e).splitlines() or [""])[0].split(". ")[0] or type(e).__name__
+        raise UnsafeFileError(f"{path}: not {what}, the file is corrupt ({reason})") from None
 
 
 def known_path(directory: str | os.PathLike) -> Path:
@@ -32,8 +59,8 @@ def save_known(directory: str | os.PathLike, payload: dict) -> Path:
 def load_known_payload(directory: str | os.PathLike) -> dict:
     path = known_path(directory)
     if not path.exists():
-        raise FileNotFoundError(f"no trained KNOWN in {directory} (missing {KNOWN_FILE}); run `know meta-train --out {directory}` first")
-    return torch.load(path, weights_only=True)
+        raise MissingData(f"no trained KNOWN in {directory} (missing {KNOWN_FILE}); run `know meta-train --out {directory}` first")
+    return safe_torch_load(path, f"a KNOWN model file ({KNOWN_FILE})")
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -54,5 +81,8 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_state(path: str | os.PathLike) -> dict | None:
+    """A state saved by save_state (tensors and plain values), None if there is none.
+
+    Read with weights_only=True: a file holding anything else raises UnsafeFileError."""
     path = Path(path)
-    return torch.load(path, weights_only=False) if path.exists() else None
+    return safe_torch_load(path, "a meta-training checkpoint") if path.exists() else None
