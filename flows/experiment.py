@@ -17,123 +17,34 @@ Example:
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow, task
 from prefect.futures import wait
-from pydantic import BaseModel, Field
 
 from storage.results import save_figure, save_table, save_text
 from storage.trajectory import TrajectoryStore
-from tasks.common import BadInput
+from know_core.errors import BadInput
+from params.collect import CollectParams, TrajectoryParams
+from params.experiment import PRESETS, ExperimentParams, preset_params  # noqa: F401 - re-exported
+from params.predict import MetaTrainParams, PredictParams
 from tasks.evaluate import CellSpec, TargetSpec, finetune_cell, target_diagnostics
-from tasks.predict import PredictSpec, predict_run
+from tasks.predict import predict_run
 
-from .collect import CollectParams, TrajectoryParams, collect_trajectories, forgetting_trajectory, target_specs
+from .collect import collect_trajectories
 from .common import make_runner, resume_hint
-from .predict import MetaTrainParams, meta_train_known
+from .meta_train import meta_train_known
+from .trajectory import forgetting_trajectory, target_specs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ExperimentParams(BaseModel):
-    """Flat parameters of the experiment; presets fill them (see PRESETS)."""
-
-    preset: str = Field("standard", description="Name of the preset these values came from (recorded only)")
-    out: str = Field("results/standard", description="Output folder: store, KNOWN models, cells, tables, plots")
-    force: bool = Field(False, description="Reuse an output folder that holds a different experiment")
-    workers: int = Field(2, description="Parallel fine-tunes / collection runs (one torch thread each)")
-    device: str = Field("auto", description="auto | cpu | cuda")
-    official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5; empty = skip the official rows")
-    # source task and model
-    source_dataset: str = Field("fashion-mnist", description="Source (pre-training) data set")
-    source_classes: str = Field("0-4", description="Source classes")
-    source_limit: int = Field(0, description="Source training images (0 = all); the half-data variant halves it")
-    full_source_limit: int = Field(0, description="half-data variant: images of the full-data naive baseline (0 = off)")
-    model: str = Field("resnet", description="Model of the source/target network")
-    width: int = Field(24, description="Model width (resnet 24 = ~170k parameters)")
-    pretrain_epochs: int = Field(5, description="Source pre-training epochs")
-    pretrain_lr: float = Field(1e-3, description="Source pre-training Adam lr")
-    pretrain_batch_size: int = Field(128, description="Source pre-training batch size")
-    # forgetting trajectory
-    r: float = Field(0.5, description="Sampling rate of the nested subsets")
-    window: int = Field(5, description="KNOWN window S; the target trajectory gets S + 2 stages")
-    traj_lr: float = Field(1e-3, description="Adam lr of the forgetting fine-tunes")
-    traj_batch_size: int = Field(128, description="Batch size of the forgetting fine-tunes")
-    # meta data
-    meta_dataset: str = Field("fashion-mnist", description="Meta-trajectory data set (never the target test split)")
-    meta_classes: str = Field("0-4", description="Meta-trajectory classes")
-    meta_limit: int = Field(6000, description="Meta-trajectory training images")
-    meta_models: str = Field("simple-cnn,mlp", description="Comma-separated models of the meta-trajectories")
-    meta_runs: int = Field(8, description="Independent-mode meta runs per model")
-    meta_sequential_runs: int = Field(0, description="Sequential-mode meta runs per model")
-    meta_stages: int = Field(7, description="Stages per meta run")
-    meta_epochs: int = Field(10, description="Max KNOWN meta-training epochs")
-    meta_pairs_per_run: int = Field(20000, description="Pairs per meta run and kind")
-    # target task and protocol
-    target_dataset: str = Field("fashion-mnist", description="Target data set")
-    target_classes: str = Field("5-9", description="Target classes")
-    target_train_size: int = Field(2000, description="Balanced target training images")
-    phase1_epochs: int = Field(2, description="Head + norm epochs (release: 10)")
-    phase2_epochs: int = Field(8, description="Full fine-tune epochs (release: 100)")
-    lr1: float = Field(1e-3, description="Phase-1 Adam lr")
-    lr2: float = Field(4e-4, description="Phase-2 cosine start lr")
-    ft_batch_size: int = Field(128, description="Fine-tune batch size")
-    naive_lr_grid: str = Field("4e-4,1e-3,2e-3", description="naive-lr candidates, chosen on a validation split")
-    seeds: int = Field(5, description="Fine-tune seeds per method (paired across methods)")
-    methods: str = Field("naive,naive-lr,know:2,know:8,official:2,official:8,shrink:8,shrink-official:8,taskvector:2,logfit:2,scratch",
-                         description="Comma-separated method[:factor] list")
-
-    def identity(self) -> dict:
-        """What makes two experiments the same (run-time knobs excluded)."""
-        return self.model_dump(exclude={"out", "force", "workers", "device", "preset"})
-
-
-_STANDARD = ExperimentParams()
-PRESETS: dict[str, dict] = {
-    "standard": {},
-    "full": {"methods": "naive,naive-lr,know:2,know:4,know:8,official:2,official:4,official:8,taskvector:2,"
-                        "taskvector:4,taskvector:8,logfit:2,logfit:4,logfit:8,know-s2:8,know-s3:8,shrink:2,"
-                        "shrink:4,shrink:8,shrink-official:2,shrink-official:4,shrink-official:8,scratch", "meta_sequential_runs": 4},
-    "mnist": {"target_dataset": "mnist5k", "target_classes": ""},
-    "half-data": {"source_limit": 15000, "full_source_limit": 30000,
-                  "methods": "naive,naive-full,naive-lr,know:2,know:8,official:8,shrink:8,taskvector:2"},
-    "quick": {"source_dataset": "digits", "source_classes": "0-4", "meta_dataset": "digits", "meta_classes": "0-4",
-              "meta_limit": 0, "meta_runs": 4, "meta_epochs": 4, "meta_pairs_per_run": 5000,
-              "target_dataset": "digits", "target_classes": "5-9", "target_train_size": 300, "width": 8,
-              "pretrain_batch_size": 32, "traj_batch_size": 8, "pretrain_epochs": 5, "phase1_epochs": 1,
-              "phase2_epochs": 3, "ft_batch_size": 32, "lr2": 1e-3, "naive_lr_grid": "1e-3,2e-3", "seeds": 2,
-              "methods": "naive,naive-lr,know:2,know:4,know:8,official:8,taskvector:2,logfit:2,shrink:8,shrink-official:8,scratch"},
-}
-
-
-def preset_params(name: str, **overrides) -> ExperimentParams:
-    if name not in PRESETS:
-        raise BadInput(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return ExperimentParams(**{**PRESETS[name], "preset": name, "out": f"results/{name}", **overrides})
-
-
-def parse_methods(p: ExperimentParams) -> list[tuple[str, float]]:
-    """'know:8' -> ('know', 8.0); methods without a factor get 1."""
-    known = {"naive", "naive-lr", "naive-full", "scratch", "know", "official", "taskvector", "logfit", "shrink",
-             "know-s2", "know-s3", "know-s4", "shrink-official"}
-    out = []
-    for item in filter(None, (m.strip() for m in p.methods.split(","))):
-        name, _, factor = item.partition(":")
-        if name not in known:
-            raise BadInput(f"unknown method {name!r} in methods; choose from: {', '.join(sorted(known))}")
-        if name in ("official", "shrink-official") and not p.official_dir:
-            continue  # official rows need the h5 files; skipped without them
-        if name == "naive-full" and not p.full_source_limit:
-            raise BadInput("method naive-full needs full_source_limit (the half-data preset sets it)")
-        out.append((name, float(factor) if factor else 1.0))
-    return out
-
-
-def step_of(factor: float, r: float) -> int:
-    return max(1, round(math.log(factor) / math.log(1.0 / r)))
+def preflight(p: ExperimentParams) -> ExperimentPlan:
+    """Checks before any flow starts: the output folder, then the plan."""
+    refuse_other_experiment(p)
+    return plan(p)
 
 
 def refuse_other_experiment(p: ExperimentParams) -> None:
@@ -160,7 +71,28 @@ def check_out_dir(p: ExperimentParams) -> Path:
     return out
 
 
-def plan(p: ExperimentParams) -> dict:
+@dataclass(frozen=True)
+class ExperimentPlan:
+    """Every sub-stage's settings, derived purely from the experiment's."""
+
+    store: str
+    collects: list[CollectParams]
+    target: TrajectoryParams
+    full: TrajectoryParams | None  # half-data variant: the full-data pre-training
+    known: str
+    methods: list[tuple[str, float]]
+    naive_lr_grid: list[float]
+    seeds: int
+
+    def totals(self) -> dict[str, int]:
+        """Units of work per stage, for progress displays."""
+        tuned = len(self.naive_lr_grid) if any(m == "naive-lr" for m, _ in self.methods) else 0
+        return {"meta-collect": sum(c.runs * len(c.model_list()) for c in self.collects),
+                "target trajectory": self.target.stages,
+                "evaluate cells": len(self.methods) * self.seeds + tuned}
+
+
+def plan(p: ExperimentParams) -> ExperimentPlan:
     """Every sub-stage's params, derived purely from the experiment params."""
     out = Path(p.out)
     store = str(out / "store.zarr")
@@ -177,12 +109,16 @@ def plan(p: ExperimentParams) -> dict:
         pretrain_batch_size=p.pretrain_batch_size, r=p.r, stages=p.window + 2, lr=p.traj_lr,
         batch_size=p.traj_batch_size, seed=0, device=p.device)
     full = target.model_copy(update={"limit": p.full_source_limit}) if p.full_source_limit else None
-    return {"store": store, "collects": collects, "target": target, "full": full, "known": str(out / "known")}
+    grid = [float(v) for v in p.naive_lr_grid.split(",") if v.strip()]
+    return ExperimentPlan(store=store, collects=collects, target=target, full=full, known=str(out / "known"),
+                          methods=p.method_factors(), naive_lr_grid=grid, seeds=p.seeds)
 
 
 @task(name="write-report")
 def write_report(out: str, cells: list[dict], diagnostics: list[dict], notes: list[str], title: str) -> str:
-    from know_core.report import plot_accuracy_vs_factor, plot_learning_curves, summarize, summary_markdown
+    from know_core.plots import plot_accuracy_vs_factor, plot_learning_curves
+    from know_core.stats import summarize
+    from know_core.verdict import summary_markdown
 
     out = Path(out)
     results = pd.DataFrame([{"method": c["method"], "factor": c["factor"], "seed": c["seed"], **row}
@@ -214,9 +150,12 @@ def diagnostics_notes(diag: list[dict]) -> list[str]:
         return []
     df = pd.DataFrame(diag)
     allk = df[df.kind == "all"].groupby("predictor").l1.mean().sort_values()
-    coh = df.coherence.iloc[0]
+    row = df.iloc[0]
+    others = ", ".join(f"{k} {row[f'coherence_{k}']:.3f}" for k in ("fc", "bias") if f"coherence_{k}" in row)
     parts = ", ".join(f"{k} {v:.3e}" for k, v in allk.items())
-    return [f"Target trajectory step coherence (mean cosine of consecutive steps): {coh:.3f}",
+    return [f"Target trajectory step coherence (mean cosine of consecutive steps, predicted weights only; BN "
+            f"statistics and counters excluded): conv {row.get('coherence_conv', float('nan')):.3f} (the kind "
+            f"with most predicted scalars); {others}; all predicted {row.coherence:.3f}",
             f"Predictor L1 on the target's held-out windows (predict stage k from k+1..k+5; lower is better): {parts}"]
 
 
@@ -225,27 +164,25 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
     """The whole experiment: meta data, KNOWN, target trajectory, predictions, fine-tunes, report."""
     with resume_hint("know-experiment"):
         p = params
-        methods = parse_methods(p)
-        if not 0 < p.r < 1:
-            raise BadInput(f"sampling rate r={p.r} is out of range; it must satisfy 0 < r < 1")
-        out = check_out_dir(p)
         pl = plan(p)
-        store = pl["store"]
+        methods = pl.methods
+        out = check_out_dir(p)
+        store = pl.store
         TrajectoryStore(store).prepare()
 
         print("stage 1/8: meta-trajectory collection")
-        for cp in pl["collects"]:
+        for cp in pl.collects:
             collect_trajectories(cp)
         print("stage 2/8: source pre-training and target forgetting trajectory")
-        target_run = forgetting_trajectory(pl["target"])
+        target_run = forgetting_trajectory(pl.target)
         full_ckpt = ""
-        if pl["full"] is not None:
-            pre_full, _ = target_specs(pl["full"])
+        if pl.full is not None:
+            pre_full, _ = target_specs(pl.full)
             from tasks.collect import pretrain
 
             full_ckpt = pretrain(store, pre_full, p.device)
         print("stage 3/8: meta-training KNOWN")
-        meta = meta_train_known(MetaTrainParams(store=store, out=pl["known"], exclude_runs=target_run,
+        meta = meta_train_known(MetaTrainParams(store=store, out=pl.known, exclude_runs=target_run,
                                                 epochs=p.meta_epochs, pairs_per_run=p.meta_pairs_per_run,
                                                 official_dir=p.official_dir, compare_modes=p.meta_sequential_runs > 0))
 
@@ -254,20 +191,20 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
         for name, factor in methods:
             if factor > 1:
                 pred = {"official": "know", "shrink": "know", "shrink-official": "know"}.get(name, name)
-                key = (pred, "official" if name in ("official", "shrink-official") else pl["known"])
-                max_step[key] = max(max_step.get(key, 0), step_of(factor, p.r))
-        specs = {key: PredictSpec(store=store, run_id=target_run, predictor=key[0], steps=steps, known=key[1],
-                                  official_dir=p.official_dir) for key, steps in max_step.items()}
+                key = (pred, "official" if name in ("official", "shrink-official") else pl.known)
+                max_step[key] = max(max_step.get(key, 0), p.step_of(factor))
+        specs = {key: PredictParams(store=store, run_id=target_run, predictor=key[0], steps=steps, known=key[1],
+                                    official_dir=p.official_dir) for key, steps in max_step.items()}
         names = {key: predict_run(spec) for key, spec in specs.items()}
 
         print("stage 5/8: predictor diagnostics on the target's held-out windows")
-        diag_preds = {"identity": PredictSpec(store=store, run_id=target_run, predictor="naive"),
-                      "taskvector": PredictSpec(store=store, run_id=target_run, predictor="taskvector"),
-                      "logfit": PredictSpec(store=store, run_id=target_run, predictor="logfit"),
-                      "know (ours)": PredictSpec(store=store, run_id=target_run, predictor="know", known=pl["known"])}
+        diag_preds = {"identity": PredictParams(store=store, run_id=target_run, predictor="naive"),
+                      "taskvector": PredictParams(store=store, run_id=target_run, predictor="taskvector"),
+                      "logfit": PredictParams(store=store, run_id=target_run, predictor="logfit"),
+                      "know (ours)": PredictParams(store=store, run_id=target_run, predictor="know", known=pl.known)}
         if p.official_dir:
-            diag_preds["know (official)"] = PredictSpec(store=store, run_id=target_run, predictor="know",
-                                                        known="official", official_dir=p.official_dir)
+            diag_preds["know (official)"] = PredictParams(store=store, run_id=target_run, predictor="know",
+                                                          known="official", official_dir=p.official_dir)
         diag = target_diagnostics(store, target_run, diag_preds, p.window)
 
         target = TargetSpec(dataset=p.target_dataset, classes=p.target_classes, train_size=p.target_train_size)
@@ -278,9 +215,8 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
         lr_choice = p.lr2
         if any(m == "naive-lr" for m, _ in methods):
             print("stage 6/8: choosing naive-lr on a validation split (never the test split)")
-            grid = [float(v) for v in p.naive_lr_grid.split(",") if v.strip()]
             val = [CellSpec(**dict(base, method="naive-lr", source="theta0", lr2=lr, seed=0, split="val", probe=False))
-                   for lr in grid]
+                   for lr in pl.naive_lr_grid]
             val_res = run_cells.with_options(task_runner=runner)(val)
             scores = {c["lr2"]: c["rows"][-1]["test_acc"] for c in val_res}
             lr_choice = max(scores, key=scores.get)
@@ -289,7 +225,7 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
         print("stage 7/8: fine-tuning and probing every start point")
         cells = []
         for name, factor in methods:
-            step = step_of(factor, p.r) if factor > 1 else 0
+            step = p.step_of(factor)
             for seed in range(p.seeds):
                 kw = dict(base, method=name, factor=factor, seed=seed, step=step)
                 if name in ("naive", "naive-lr"):
@@ -299,13 +235,13 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
                 elif name == "scratch":
                     kw.update(source="scratch")
                 elif name == "shrink":
-                    kw.update(source=names[("know", pl["known"])], shrink=True)
+                    kw.update(source=names[("know", pl.known)], shrink=True)
                 elif name == "shrink-official":
                     kw.update(source=names[("know", "official")], shrink=True)
                 elif name == "official":
                     kw.update(source=names[("know", "official")])
                 else:
-                    kw.update(source=names[(name, pl["known"])])
+                    kw.update(source=names[(name, pl.known)])
                 cells.append(CellSpec(**kw))
         results = run_cells.with_options(task_runner=runner)(cells)
 

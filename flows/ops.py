@@ -15,13 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from know_core.errors import BadInput
+
 #: stage name -> (deployment name, entrypoint). Deployment names are the ones in prefect.yaml.
 STAGES: dict[str, tuple[str, str]] = {
     "collect": ("know-collect", "flows.collect:collect_trajectories"),
     "collect-gpu": ("know-collect-gpu", "flows.collect:collect_trajectories"),
-    "trajectory": ("know-trajectory", "flows.collect:forgetting_trajectory"),
-    "trajectory-gpu": ("know-trajectory-gpu", "flows.collect:forgetting_trajectory"),
-    "meta-train": ("know-meta-train", "flows.predict:meta_train_known"),
+    "trajectory": ("know-trajectory", "flows.trajectory:forgetting_trajectory"),
+    "trajectory-gpu": ("know-trajectory-gpu", "flows.trajectory:forgetting_trajectory"),
+    "meta-train": ("know-meta-train", "flows.meta_train:meta_train_known"),
     "predict": ("know-predict", "flows.predict:predict_weights"),
     "pipeline": ("know-pipeline", "flows.pipeline:collect_and_enhance"),
     "experiment": ("know-experiment", "flows.experiment:know_run"),
@@ -30,8 +32,8 @@ STAGES: dict[str, tuple[str, str]] = {
 #: flow name -> entrypoint, to re-run a flow run that has no deployment (a local `know ...` run)
 FLOWS: dict[str, str] = {
     "collect-trajectories": "flows.collect:collect_trajectories",
-    "forgetting-trajectory": "flows.collect:forgetting_trajectory",
-    "meta-train-known": "flows.predict:meta_train_known",
+    "forgetting-trajectory": "flows.trajectory:forgetting_trajectory",
+    "meta-train-known": "flows.meta_train:meta_train_known",
     "predict-weights": "flows.predict:predict_weights",
     "collect-and-enhance": "flows.pipeline:collect_and_enhance",
     "know-experiment": "flows.experiment:know_run",
@@ -40,7 +42,7 @@ FLOWS: dict[str, str] = {
 RETRYABLE = {"FAILED", "CRASHED", "CANCELLED", "COMPLETED"}
 
 
-class OpsError(ValueError):
+class OpsError(BadInput):
     """A user-fixable problem (unknown stage, bad parameter, no server): one line, exit 2."""
 
 
@@ -75,8 +77,11 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def validate_params(model: type[BaseModel], params: dict[str, Any]) -> dict[str, Any]:
-    """Check names (pydantic would silently drop a typo) and types; return the JSON-ready dict."""
+    """Check names (pydantic would silently drop a typo) and types with the stage model; return
+    the JSON-ready dict."""
     from pydantic import ValidationError
+
+    from params.common import describe
 
     unknown = sorted(set(params) - set(model.model_fields))
     if unknown:
@@ -85,8 +90,7 @@ def validate_params(model: type[BaseModel], params: dict[str, Any]) -> dict[str,
     try:
         return model.model_validate(params).model_dump(mode="json")
     except ValidationError as e:
-        err = e.errors()[0]
-        raise OpsError(f"parameter {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise OpsError(f"parameter {describe(e, cli=False)}") from None
 
 
 def require_server() -> str:

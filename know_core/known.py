@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from know_core.errors import BadInput, MissingData
 from know_core.layout import PREDICTED_KINDS
 
 WINDOW = 5  # values per scalar the model reads (S = 5 in the paper)
@@ -73,7 +74,7 @@ KERAS_LAYER_MAP = {
 }
 
 
-class KnownFormatError(ValueError):
+class KnownFormatError(BadInput):
     """A file or dict that does not hold a KNOWN model."""
 
 
@@ -289,7 +290,7 @@ def load_keras_h5(path) -> KNOWN:
     import h5py  # lazy: only this loader needs it
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingData(f"{path}: no such file")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -335,7 +336,7 @@ def load_official(directory, scaling: str = "raw") -> KnownSet:
     paths = {k: os.path.join(directory, name) for k, name in OFFICIAL_FILES.items()}
     missing = [OFFICIAL_FILES[k] for k, p in paths.items() if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{directory}: missing {', '.join(missing)}; --official-dir must hold "
+        raise MissingData(f"{directory}: missing {', '.join(missing)}; --official-dir must hold "
                                 f"the three h5 files {', '.join(OFFICIAL_FILES.values())}")
     return KnownSet(
         models={k: load_keras_h5(p) for k, p in paths.items()},

@@ -70,11 +70,13 @@ def predict_block(
     c0: int,
     stage_sizes: list[int],
     steps: int,
+    r: float | None = None,
 ) -> np.ndarray:
     """Predict `steps` recurrent steps for columns [c0, c0 + stages.shape[1]).
 
     `stages` holds rows in store order (stage 0 = full data first), as many as the
-    predictor's window; `stage_sizes` are their subset sizes. Returns (steps, m) float32.
+    predictor's window; `stage_sizes` are their subset sizes and `r` the run's sampling rate
+    (None: the ratio of the two newest sizes). Returns (steps, m) float32.
     Raises NonFiniteError naming the first tensor with a non-finite prediction.
     """
     rows, m = stages.shape
@@ -86,7 +88,7 @@ def predict_block(
             # one copy: gather the columns and reverse the rows (store order -> window order, as
             # window_from_stages) together; flipping first, then gathering, copied twice
             window = torch.from_numpy(np.ascontiguousarray(stages[::-1][:, cols]))
-            out[:, cols] = predict_steps(cfg, window, kind, sizes, steps).numpy()
+            out[:, cols] = predict_steps(cfg, window, kind, sizes, steps, r).numpy()
     bad = ~np.isfinite(out).all(axis=0)
     if bad.any():
         col = int(np.argmax(bad))

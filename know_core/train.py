@@ -1,6 +1,6 @@
 """Training loops and forgetting trajectories (method §2-3).
 
-`forgetting_trajectory` yields flat weight snapshots one stage at a time, so the caller
+`iter_trajectory` yields flat weight snapshots one stage at a time, so the caller
 can stream each to storage as soon as it exists:
 
     sequential   Θ0 = the start weights (pre-trained, or trained here on D0);
@@ -13,13 +13,14 @@ Example:
     >>> ds = load_dataset("digits")
     >>> model = build_model("simple-cnn", 1, 10, 8)
     >>> cfg = TrajectoryConfig(r=0.5, stages=3, lr=1e-3, batch_size=32, seed=0)
-    >>> snaps = list(forgetting_trajectory(model, ds, cfg))
+    >>> snaps = list(iter_trajectory(model, ds, cfg))
     >>> [k for k, _ in snaps]
     [0, 1, 2]
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -30,14 +31,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageData, nested_subsets, subset_sizes
+from .errors import BadInput
 from .layout import flatten_state, param_layout
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when there is one, else CPU."""
+def pick_device(device: str | torch.device | None = "auto", model: nn.Module | None = None) -> torch.device:
+    """'auto' -> CUDA when there is one, else CPU; None -> the device of `model`'s first
+    parameter or buffer (CPU without a model, or for one with neither); else `device` itself."""
+    if device is None:
+        for t in itertools.chain(model.parameters(), model.buffers()) if model is not None else ():
+            return t.device
+        return torch.device("cpu")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def batch_slices(n: int, batch_size: int, merge_single: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) pairs covering range(n) in steps of `batch_size`.
+
+    With `merge_single` a trailing batch of a single sample is folded into the previous
+    batch: BatchNorm cannot take a batch of one in train mode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    edges = list(range(0, n, batch_size)) + [n]
+    slices = [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    if merge_single and len(slices) > 1 and slices[-1][1] - slices[-1][0] == 1:
+        last = slices.pop()
+        slices[-1] = (slices[-1][0], last[1])
+    return slices
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -64,48 +87,95 @@ class TrainConfig:
     device: str = "auto"
 
 
+def run_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
+    device: torch.device,
+    aug_gen: torch.Generator | None = None,
+    merge_single: bool = False,
+) -> float:
+    """One epoch of `opt` on cross-entropy in train mode; returns the mean training loss.
+
+    The order is ``torch.randperm(len(y), generator=gen)``, cut by
+    :func:`batch_slices` (`merge_single`); each batch is moved to `device` and, with
+    `aug_gen`, augmented by :func:`augment_batch`.  The model must already be on `device`.
+    """
+    model.train()
+    n = len(y)
+    perm = torch.randperm(n, generator=gen)
+    total = 0.0
+    for start, stop in batch_slices(n, batch_size, merge_single):
+        idx = perm[start:stop]
+        xb = x[idx].to(device, non_blocking=True)
+        yb = y[idx].to(device, non_blocking=True)
+        if aug_gen is not None:
+            xb = augment_batch(xb, aug_gen)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += loss.item() * (stop - start)
+    return total / max(n, 1)
+
+
 def train_epochs(
     model: nn.Module,
     data: ImageData,
     cfg: TrainConfig,
     on_epoch: Callable[[int, float], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
-    """Adam on cross-entropy, seeded data order. Returns the last epoch's mean loss."""
+    """Adam on cross-entropy, seeded data order. Returns the last epoch's mean loss.
+
+    `optimizer`, when given, is used instead of a fresh ``Adam(lr=cfg.lr)`` (e.g. to carry
+    Adam's state from one call to the next); it must hold `model`'s parameters.
+    """
     device = pick_device(cfg.device)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    x_all, y_all = data.x, data.y
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
     mean_loss = float("nan")
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(y_all), generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
-            if cfg.augment:
-                x = augment_batch(x, aug_gen)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-        mean_loss = total / max(count, 1)
+        mean_loss = run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen)
         if on_epoch:
             on_epoch(epoch, mean_loss)
     return mean_loss
 
 
 @torch.no_grad()
+def count_correct(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    with_loss: bool = False,
+) -> tuple[int, float]:
+    """(correct top-1 predictions, summed cross-entropy or 0.0 without `with_loss`) of
+    `model` on (x, y), in slices of `batch_size`, no grad.  The model is used as it is: the
+    caller puts it on `device` and in the mode it wants."""
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device, non_blocking=True)
+        yb = y[start : start + batch_size].to(device, non_blocking=True)
+        logits = model(xb)
+        if with_loss:
+            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    return correct, loss_sum
+
+
+@torch.no_grad()
 def accuracy(model: nn.Module, data: ImageData, batch_size: int = 512, device: str = "auto") -> float:
+    """Top-1 accuracy of `model` on `data`; leaves the model on the device, in eval mode."""
     dev = pick_device(device)
     model.to(dev).eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        out = model(data.x[start : start + batch_size].to(dev))
-        correct += (out.argmax(1).cpu() == data.y[start : start + batch_size]).sum().item()
+    correct, _ = count_correct(model, data.x, data.y, batch_size, dev)
     return correct / max(len(data), 1)
 
 
@@ -124,22 +194,22 @@ class TrajectoryConfig:
     def validate(self, n_data: int) -> None:
         """Raise a one-line ValueError for a config that cannot produce a trajectory."""
         if not 0.0 < self.r < 1.0:
-            raise ValueError(f"sampling rate r={self.r} is out of range; it must satisfy 0 < r < 1")
+            raise BadInput(f"sampling rate r={self.r} is out of range; it must satisfy 0 < r < 1")
         if self.stages < 2:
-            raise ValueError(f"stages={self.stages} is too few; a trajectory needs at least 2 stages")
+            raise BadInput(f"stages={self.stages} is too few; a trajectory needs at least 2 stages")
         if self.mode not in ("sequential", "independent"):
-            raise ValueError(f"mode {self.mode!r} is unknown; use 'sequential' or 'independent'")
+            raise BadInput(f"mode {self.mode!r} is unknown; use 'sequential' or 'independent'")
         if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive")
+            raise BadInput(f"lr={self.lr} must be positive")
         smallest = subset_sizes(n_data, self.r, self.stages)[-1]
         if self.batch_size < 1 or self.batch_size > smallest:
-            raise ValueError(
+            raise BadInput(
                 f"batch size {self.batch_size} is larger than the smallest subset ({smallest} of {n_data} "
                 f"images at r={self.r}, {self.stages} stages); lower --batch-size, raise r or use fewer stages"
             )
 
 
-def forgetting_trajectory(
+def iter_trajectory(
     model: nn.Module,
     data: ImageData,
     cfg: TrajectoryConfig,
@@ -191,7 +261,7 @@ def sample_hyperparameters(n_data: int, stages: int, ranges: SweepRanges, rng: n
     r_floor = (ranges.batch_min / n_data) ** (1.0 / max(stages - 1, 1)) + 1e-6
     lo = max(ranges.r_min, r_floor)
     if lo > ranges.r_max:
-        raise ValueError(
+        raise BadInput(
             f"{n_data} images cannot give {stages} stages with a batch of {ranges.batch_min} "
             f"at r <= {ranges.r_max}; use fewer stages, a smaller batch size or a larger data set"
         )

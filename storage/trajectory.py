@@ -36,7 +36,10 @@ from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 from zarr.storage._local import _atomic_write  # zarr is pinned to 3.1.x (pyproject)
 
+from know_core.errors import StoreState
 from know_core.layout import TensorSpec, layout_from_json, layout_size, layout_to_json
+
+from .records import CheckpointInfo, CheckpointRecord, PredictionInfo, PredictionRecord, RunInfo, RunRecord
 
 #: default chunk length along the parameter axis (16 MiB of float32). Chosen by
 #: benchmarks/bench_store.py: rows write 1.1-1.5x faster than with 1M-value chunks (fewer files
@@ -57,7 +60,7 @@ PREALLOCATE_MIN_BYTES = 1 << 16
 WRITE_CONFIG = {"write_empty_chunks": True}
 
 
-class StoreError(ValueError):
+class StoreError(StoreState, ValueError):
     """A problem with the store or a run in it; the message is one actionable line."""
 
 
@@ -191,31 +194,38 @@ class TrajectoryStore:
 
     # -- runs -----------------------------------------------------------------------
     def run_attrs(self, run_id: str) -> dict[str, Any] | None:
+        """The run's raw attrs (storage's own view; other layers use `run`)."""
         g = self._group(f"{RUNS}/{run_id}")
         return None if g is None else dict(g.attrs)
+
+    def run(self, run_id: str) -> RunRecord | None:
+        """The run's typed record, or None when the store has no such run."""
+        attrs = self.run_attrs(run_id)
+        return None if attrs is None else RunRecord.model_validate({"run_id": run_id, **attrs})
 
     def run_status(self, run_id: str) -> str | None:
         attrs = self.run_attrs(run_id)
         return None if attrs is None else attrs.get("status")
 
-    def require_run(self, run_id: str, complete: bool = True) -> dict[str, Any]:
-        attrs = self.run_attrs(run_id)
-        if attrs is None:
+    def require_run(self, run_id: str, complete: bool = True) -> RunRecord:
+        run = self.run(run_id)
+        if run is None:
             raise StoreError(f"run {run_id!r} does not exist in store {self.url}; list runs with `know runs --store {self.url}`")
-        if complete and attrs.get("status") != "complete":
-            raise StoreError(f"run {run_id!r} is {attrs.get('status')!r}, not complete; finish it with `know collect` first")
-        return attrs
+        if complete and not run.is_complete:
+            raise StoreError(f"run {run_id!r} is {run.status!r}, not complete; finish it with `know collect` first")
+        return run
 
-    def begin_run(self, run_id: str, attrs: dict[str, Any], layout: list[TensorSpec], n_stages: int) -> zarr.Array:
+    def begin_run(self, run_id: str, info: RunInfo | dict[str, Any], layout: list[TensorSpec], n_stages: int) -> zarr.Array:
         """(Re)create a run in state `running`, wiping any incomplete earlier attempt."""
         if self.run_status(run_id) == "complete":
             raise StoreError(f"run {run_id} is already complete; refusing to overwrite it")
+        info = info if isinstance(info, RunInfo) else RunInfo.model_validate(info)
         self.root.require_group(RUNS)
         self._delete(f"{RUNS}/{run_id}")
         group = self.root.create_group(f"{RUNS}/{run_id}")
         arr = self._array(f"{RUNS}/{run_id}/weights", (n_stages, layout_size(layout)), {})
         group.update_attributes({
-            **attrs, "run_id": run_id, "status": "running", "stages_written": 0,
+            **info.attrs(), "run_id": run_id, "status": "running", "stages_written": 0,
             "n_stages": n_stages, "n_params": layout_size(layout), "layout": json.loads(layout_to_json(layout)),
             "created_at": _now(), "versions": versions(),
         })
@@ -245,17 +255,16 @@ class TrajectoryStore:
         g = self._group(RUNS)
         return sorted(g.group_keys()) if g is not None else []
 
+    def runs(self) -> list[RunRecord]:
+        """Every run's record, in run-id order."""
+        return [r for r in (self.run(run_id) for run_id in self.run_ids()) if r is not None]
+
     def list_runs(self) -> pd.DataFrame:
-        """One row per run with its attrs (the layout is left out; use `layout()`)."""
-        rows = []
-        for run_id in self.run_ids():
-            attrs = self.run_attrs(run_id) or {}
-            attrs.pop("layout", None)
-            rows.append({"run_id": run_id, **attrs})
-        return pd.DataFrame(rows)
+        """One row per run (RunRecord.summary: the layout and nested dicts are left out)."""
+        return pd.DataFrame([r.summary() for r in self.runs()])
 
     def layout(self, run_id: str) -> list[TensorSpec]:
-        return layout_from_json(self.require_run(run_id, complete=False)["layout"])
+        return self.require_run(run_id, complete=False).layout
 
     def weights(self, run_id: str) -> zarr.Array:
         return self.root[f"{RUNS}/{run_id}/weights"]
@@ -294,7 +303,13 @@ class TrajectoryStore:
         g = self._group(f"{CHECKPOINTS}/{ckpt_id}")
         return None if g is None else dict(g.attrs)
 
-    def save_checkpoint(self, ckpt_id: str, vector: np.ndarray, layout: list[TensorSpec], attrs: dict[str, Any]) -> None:
+    def checkpoint(self, ckpt_id: str) -> CheckpointRecord | None:
+        attrs = self.checkpoint_attrs(ckpt_id)
+        return None if attrs is None else CheckpointRecord.model_validate({"ckpt_id": ckpt_id, "status": "", **attrs})
+
+    def save_checkpoint(self, ckpt_id: str, vector: np.ndarray, layout: list[TensorSpec],
+                        info: CheckpointInfo | dict[str, Any]) -> None:
+        attrs = (info if isinstance(info, CheckpointInfo) else CheckpointInfo.model_validate(info)).attrs()
         self.root.require_group(CHECKPOINTS)
         self._delete(f"{CHECKPOINTS}/{ckpt_id}")
         g = self.root.create_group(f"{CHECKPOINTS}/{ckpt_id}")
@@ -318,7 +333,21 @@ class TrajectoryStore:
         g = self._group(self.prediction_path(run_id, predictor))
         return None if g is None else dict(g.attrs)
 
-    def begin_prediction(self, run_id: str, predictor: str, n_steps: int, n_params: int, attrs: dict[str, Any]) -> zarr.Array:
+    def prediction(self, run_id: str, name: str) -> PredictionRecord | None:
+        """The typed record of prediction `name` of a run, or None."""
+        attrs = self.prediction_attrs(run_id, name)
+        if attrs is None:
+            return None
+        return PredictionRecord.model_validate({"run_id": run_id, "name": name, "status": "", "predictor": name,
+                                                "factors": [], "steps": 0, **attrs})
+
+    def prediction_names(self, run_id: str) -> list[str]:
+        g = self._group(f"{PREDICTIONS}/{run_id}")
+        return sorted(g.group_keys()) if g is not None else []
+
+    def begin_prediction(self, run_id: str, predictor: str, n_steps: int, n_params: int,
+                         info: PredictionInfo | dict[str, Any]) -> zarr.Array:
+        attrs = (info if isinstance(info, PredictionInfo) else PredictionInfo.model_validate(info)).attrs()
         path = self.prediction_path(run_id, predictor)
         self.root.require_group(f"{PREDICTIONS}/{run_id}")
         self._delete(path)
@@ -339,7 +368,10 @@ class TrajectoryStore:
         """Prediction row `step` (1-based: step 1 = the first x(1/r) factor)."""
         attrs = self.prediction_attrs(run_id, predictor)
         if attrs is None or attrs.get("status") != "complete":
-            raise StoreError(f"no complete prediction {predictor!r} for run {run_id}; run `know predict` first")
+            have = [n for n in self.prediction_names(run_id)
+                    if (self.prediction_attrs(run_id, n) or {}).get("status") == "complete"]
+            hint = f" (it has: {', '.join(have)})" if have else ""
+            raise StoreError(f"no complete prediction {predictor!r} for run {run_id}{hint}; run `know predict` first")
         arr = self.root[f"{self.prediction_path(run_id, predictor)}/weights"]
         if not 1 <= step <= arr.shape[0]:
             raise StoreError(f"step {step} out of range; prediction {predictor!r} has steps 1..{arr.shape[0]}")
@@ -352,4 +384,5 @@ def s3_options_from_env() -> dict[str, Any] | None:
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
 
 
-__all__ = ["TrajectoryStore", "StoreError", "config_hash", "versions", "DEFAULT_CHUNK"]
+__all__ = ["TrajectoryStore", "StoreError", "config_hash", "versions", "DEFAULT_CHUNK", "RunInfo", "RunRecord",
+           "PredictionInfo", "PredictionRecord", "CheckpointInfo", "CheckpointRecord"]

@@ -13,7 +13,10 @@ from prefect import task
 
 from know_core.data import subset_sizes
 from know_core.layout import flatten_state, param_layout, unflatten_state
-from know_core.train import TrainConfig, accuracy, forgetting_trajectory, pick_device, train_epochs
+from know_core.models import ModelSpec, build_seeded
+from know_core.errors import NonFinite
+from know_core.train import TrainConfig, accuracy, iter_trajectory, pick_device, train_epochs
+from storage.records import CheckpointInfo
 from storage.trajectory import TrajectoryStore, config_hash
 
 from .common import run_logger, retry_unless_bad_input, set_torch_threads
@@ -46,13 +49,13 @@ def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: in
         model.load_state_dict(unflatten_state(vec, layout0))
     layout = param_layout(model)
     sizes = subset_sizes(len(data), cfg.r, cfg.stages)
-    store.begin_run(run_id, spec.store_attrs(data, sizes), layout, cfg.stages)
+    store.begin_run(run_id, spec.run_info(data, sizes), layout, cfg.stages)
     t0 = time.perf_counter()
     try:
-        stages = forgetting_trajectory(model, data, cfg, start_trained=bool(spec.start))
+        stages = iter_trajectory(model, data, cfg, start_trained=bool(spec.start))
         for k, vec in stages:
             if not np.isfinite(vec).all():
-                raise ValueError(f"stage {k} produced non-finite weights (lr={spec.lr} too high?)")
+                raise NonFinite(f"run {run_id}: stage {k} produced non-finite weights (lr={spec.lr} too high?)")
             store.append_stage(run_id, k, vec)
             log.info("run %s: stage %d/%d written (|D%d|=%d, %.1fs)", run_id, k + 1, cfg.stages, k, sizes[k],
                      time.perf_counter() - t0)
@@ -66,13 +69,13 @@ def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: in
 class PretrainSpec(DataSpec):
     """A source model pre-trained on D0 (the Θ0 of the target trajectory, method §2)."""
 
-    model: str = "resnet"
-    width: int = 0
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 128
-    seed: int = 0
-    augment: bool = False
+    model: str
+    width: int
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    augment: bool
 
     @property
     def checkpoint_id(self) -> str:
@@ -87,20 +90,21 @@ def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto", threads: 
     set_torch_threads(threads)
     store = TrajectoryStore(store_url)
     ckpt = spec.checkpoint_id
-    if (store.checkpoint_attrs(ckpt) or {}).get("status") == "complete":
+    record = store.checkpoint(ckpt)
+    if record is not None and record.is_complete:
         log.info("checkpoint %s already complete: skipped", ckpt)
         return ckpt
     data = spec.load("train")
-    run = RunSpec(**{k: v for k, v in spec.model_dump().items() if k in RunSpec.model_fields})
-    model = run.build_model(data)
+    mspec = ModelSpec(spec.model, data.in_channels, data.num_classes, data.image_size, spec.width or None)
+    model = build_seeded(mspec, spec.seed)
     tcfg = TrainConfig(spec.lr, spec.batch_size, spec.epochs, spec.seed, spec.augment, device)
     t0 = time.perf_counter()
     train_epochs(model, data, tcfg, on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d loss %.4f", e + 1, spec.epochs, loss))
     test_acc = accuracy(model, spec.load("test"), device=device)
     layout = param_layout(model)
-    store.save_checkpoint(ckpt, flatten_state(model.state_dict(), layout), layout, {
-        "spec": spec.model_dump(), "model_spec": run.model_spec(data).__dict__, "test_acc": test_acc,
-        "train_seconds": round(time.perf_counter() - t0, 3), "device": str(pick_device(device)),
-    })
+    store.save_checkpoint(ckpt, flatten_state(model.state_dict(), layout), layout, CheckpointInfo(
+        spec=spec.model_dump(), model_spec=mspec.__dict__, test_acc=test_acc,
+        train_seconds=round(time.perf_counter() - t0, 3), device=str(pick_device(device)),
+    ))
     log.info("checkpoint %s saved: source test accuracy %.4f", ckpt, test_acc)
     return ckpt

@@ -6,15 +6,13 @@ import os
 
 import torch
 
-from storage.trajectory import StoreError
+from pydantic import ValidationError
 
+from know_core.errors import BadInput, KnowError  # noqa: F401 - BadInput re-exported for flows
 
-class BadInput(ValueError):
-    """Invalid user input: never retried, reported as one line."""
-
-
-#: errors that a retry cannot fix (bad input, missing data, a wrong store)
-NOT_RETRYABLE = (ValueError, KeyError, FileNotFoundError, StoreError)
+#: errors that a retry cannot fix: domain errors (bad input, missing data, store state) and
+#: bugs (a KeyError or ValueError fails the same way again); retries are for crashes and I/O
+NOT_RETRYABLE = (KnowError, ValidationError, ValueError, KeyError, TypeError, AttributeError)
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:

@@ -15,28 +15,32 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from know_core.data import ImageData, balanced_split, balanced_subset
-from know_core.evaluate import FinetuneConfig, finetune, linear_probe, recalibrate_bn
+from know_core.diagnostics import held_out_window_l1
+from know_core.known import WINDOW
+from know_core.evaluate import FinetuneConfig, finetune
+from know_core.probe import linear_probe, recalibrate_bn
 from know_core.layout import PREDICTED_KINDS, unflatten_state
 from know_core.models import ModelSpec, build_from_spec, build_seeded
+from params.predict import KnownSource
 from know_core.predict import shrink_control
 from know_core.train import pick_device
 from storage.results import save_text
 from storage.trajectory import TrajectoryStore, config_hash
 
 from .common import retry_unless_bad_input, run_logger, set_torch_threads
-from .predict import PredictSpec, predictor_config, window_rows
+from .predict import predictor_config
 from .specs import DataSpec
 
 
 class TargetSpec(DataSpec):
     """The downstream task: a balanced training subset and the full test split."""
 
-    train_size: int = Field(2000, description="Balanced training images of the target task")
-    val_fraction: float = Field(0.2, description="Held out of the training set to choose naive-lr's learning rate")
-    subset_seed: int = Field(0, description="Seed of the balanced subset and of the validation split")
+    train_size: int
+    val_fraction: float = 0.2  # held out of the training set to choose learning rates; never the test split
+    subset_seed: int = 0  # seed of the balanced subset and of the validation split
 
     def splits(self, split: str) -> tuple[ImageData, ImageData]:
         """('test') train subset + test split, or ('val') train-minus-val + val."""
@@ -49,32 +53,34 @@ class TargetSpec(DataSpec):
 
 
 class CellSpec(BaseModel):
-    out: str = Field(..., description="Experiment directory (cells are cached under <out>/cells)")
+    """One (method, factor, seed) cell; the protocol values come from the experiment's stage model."""
+
+    out: str  # experiment directory (cells are cached under <out>/cells)
     store: str
-    run_id: str = Field(..., description="Target run: Θ0 is its stage 0, predictions hang off it")
+    run_id: str  # target run: Θ0 is its stage 0, predictions hang off it
     method: str
     factor: float = 1.0
-    source: str = Field("theta0", description="theta0 | scratch | ckpt:<id> | a prediction name in the store")
+    source: str = "theta0"  # theta0 | scratch | ckpt:<id> | a prediction name in the store
     step: int = 0
-    shrink: bool = Field(False, description="Shrink control: Θ0 scaled per tensor towards `source` at `step`")
-    seed: int = 0
-    split: str = Field("test", description="test: evaluate on the test split; val: on the held-out validation split")
-    target: TargetSpec = TargetSpec()
-    phase1_epochs: int = 2
-    phase2_epochs: int = 8
-    lr1: float = 1e-3
-    lr2: float = 4e-4
-    batch_size: int = 128
-    recalibrate: bool = Field(True, description="Re-estimate BN statistics on target images before fine-tuning (every method)")
+    shrink: bool = False  # shrink control: Θ0 scaled per tensor towards `source` at `step`
+    seed: int
+    split: str = "test"  # test: evaluate on the test split; val: on the held-out validation split
+    target: TargetSpec
+    phase1_epochs: int
+    phase2_epochs: int
+    lr1: float
+    lr2: float
+    batch_size: int
+    recalibrate: bool = True  # re-estimate BN statistics on target images before fine-tuning (every method)
     probe: bool = True
-    device: str = "auto"
+    device: str
 
 
 def start_state(store: TrajectoryStore, spec: CellSpec) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """The start weights of a cell, as a complete state_dict for the run's model class."""
-    attrs = store.require_run(spec.run_id)
-    mspec = ModelSpec(**attrs["model_spec"])
-    layout = store.layout(spec.run_id)
+    run = store.require_run(spec.run_id)
+    mspec = run.model_spec_obj()
+    layout = run.layout
     if spec.source == "scratch":
         return mspec, build_seeded(mspec, spec.seed).state_dict()
     if spec.source.startswith("ckpt:"):
@@ -141,41 +147,17 @@ def finetune_cell(spec: CellSpec) -> dict:
 
 
 @task(name="target-diagnostics")
-def target_diagnostics(store_url: str, run_id: str, predictors: dict[str, PredictSpec], window: int = 5) -> list[dict]:
-    """Each predictor's L1 on the target's own held-out windows: predict stage k from k+1..k+window.
-
-    `predictors` maps a label to a PredictSpec. Rows also carry the trajectory's step coherence.
-    """
-    from know_core.meta import per_kind_coherence, step_coherence
-    from know_core.predict import predict_next, sizes_from_stages, window_from_stages
+def target_diagnostics(store_url: str, run_id: str, predictors: dict[str, KnownSource], window: int = WINDOW) -> list[dict]:
+    """Each predictor's L1 on the target's own held-out windows (know_core.diagnostics), with
+    the trajectory's step coherence on every row. `predictors` maps a label to its settings."""
+    from know_core.pairs import per_kind_coherence, step_coherence
 
     configs = {label: predictor_config(p)[0] for label, p in predictors.items()}
     store = TrajectoryStore(store_url)
-    attrs = store.require_run(run_id)
+    run = store.require_run(run_id)
     traj = store.read_stages(run_id)
-    layout = store.layout(run_id)
-    sizes = attrs["stage_subset_sizes"]
-    rows = []
-    for k in range(0, traj.shape[0] - window):
-        target = traj[k]
-        rows_stages = traj[k + 1 : k + 1 + window]
-        for label, cfg in configs.items():
-            need = window_rows(cfg.name)
-            w = window_from_stages(torch.from_numpy(rows_stages[:need].copy()), need)
-            sz = sizes_from_stages(sizes[k + 1 : k + 1 + need], need)
-            err = {kind: [] for kind in PREDICTED_KINDS}
-            for s in layout:
-                if s.kind not in PREDICTED_KINDS:
-                    continue
-                pred = predict_next(cfg, w[:, s.offset : s.stop], s.kind, sz).numpy()
-                err[s.kind].append(np.abs(pred - target[s.offset : s.stop]))
-            for kind, parts in err.items():
-                if parts:
-                    e = np.concatenate(parts)
-                    rows.append({"predictor": label, "held_out_stage": k, "kind": kind, "l1": float(e.mean()), "n": int(e.size)})
-            allv = np.concatenate([np.concatenate(p) for p in err.values() if p])
-            rows.append({"predictor": label, "held_out_stage": k, "kind": "all", "l1": float(allv.mean()), "n": int(allv.size)})
-    coh = {"coherence": step_coherence(traj), **{f"coherence_{k}": v for k, v in per_kind_coherence(traj, layout).items()}}
+    rows = held_out_window_l1(traj, run.layout, run.stage_subset_sizes, run.sampling_rate, configs, window)
+    coh = {"coherence": step_coherence(traj, run.layout), **{f"coherence_{k}": v for k, v in per_kind_coherence(traj, run.layout).items()}}
     for r in rows:
         r.update(coh)
     return rows

@@ -18,68 +18,52 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, Field
 
-from know_core.known import KnownSet, known_set_from_dict, load_official, save_known_set
+from know_core.errors import BadInput
+from know_core.known import WINDOW, KnownSet, known_set_from_dict, load_official, save_known_set
 from know_core.layout import PREDICTED_KINDS
-from know_core.meta import (MetaConfig, build_pairs, l1_table, pair_log_sizes, per_kind_coherence, split_runs_grouped,
-                            step_coherence, train_known)
+from know_core.baselines import l1_table
+from know_core.meta import MetaConfig, train_known
+from know_core.pairs import build_pairs, pair_log_sizes, per_kind_coherence, split_runs_grouped, step_coherence
 from storage.known_files import file_digest, known_path, load_known_payload, load_state, save_known, save_state
+from params.predict import MetaTrainParams
+from storage.records import RunRecord
 from storage.trajectory import TrajectoryStore, config_hash
 
-from .common import BadInput, retry_unless_bad_input, run_logger, set_torch_threads
-
-WINDOW = 5
+from .common import retry_unless_bad_input, run_logger, set_torch_threads
 
 
-class MetaSpec(BaseModel):
-    store: str = Field("runs.zarr", description="Trajectory store holding complete runs")
-    out: str = Field("known", description="Output directory for the trained KNOWN models and tables")
-    meta_data: str = Field("all", description="Which runs train the default model: all | independent | sequential")
-    exclude_runs: str = Field("", description="Comma-separated run ids never used for meta-training (e.g. the target run)")
-    epochs: int = Field(15, description="Max epochs per model (early stopping usually ends sooner)")
-    batch_size: int = Field(4096, description="Pairs per Adam step")
-    lr: float = Field(1e-3, description="Adam learning rate")
-    patience: int = Field(3, description="Epochs without a better validation L1 before stopping")
-    pairs_per_run: int = Field(20000, description="Max pairs per run and kind (subsampled scalars)")
-    val_fraction: float = Field(0.25, description="Fraction of RUNS held out for validation")
-    seed: int = Field(0, description="Seed of the run split, subsampling and training")
-    official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5, to add them to the comparison")
-    compare_modes: bool = Field(True, description="When both modes exist, also train on independent-only and sequential-only runs")
-
-
-def eligible_runs(store: TrajectoryStore, spec: MetaSpec, meta_data: str) -> pd.DataFrame:
-    df = store.list_runs()
-    if not len(df):
+def eligible_runs(store: TrajectoryStore, spec: MetaTrainParams, meta_data: str) -> list[RunRecord]:
+    """The complete runs (>= WINDOW + 1 stages, not excluded, of the mode `meta_data`) that train KNOWN."""
+    runs = store.runs()
+    if not runs:
         raise BadInput(f"store {spec.store} holds no runs; collect some with `know collect --store {spec.store} --stages 7`")
-    excluded = {r.strip() for r in spec.exclude_runs.split(",") if r.strip()}
-    df = df[(df.status == "complete") & (df.n_stages >= WINDOW + 1) & ~df.run_id.isin(excluded)]
-    if meta_data != "all":
-        df = df[df["mode"] == meta_data]
-    if len(df) < 2:
+    excluded = spec.excluded()
+    runs = [r for r in runs if r.is_complete and r.n_stages >= WINDOW + 1 and r.run_id not in excluded
+            and meta_data in ("all", r.mode)]
+    if len(runs) < 2:
         raise BadInput(f"meta-training on {meta_data!r} runs needs at least 2 complete runs with >= {WINDOW + 1} stages "
-                       f"in {spec.store}, found {len(df)}; run `know collect --stages 7 --runs 12`")
-    return df
+                       f"in {spec.store}, found {len(runs)}; run `know collect --stages 7 --runs 12`")
+    return runs
 
 
-def split_by_model(runs: pd.DataFrame, spec: MetaSpec) -> tuple[list[str], list[str]]:
+def split_by_model(runs: list[RunRecord], spec: MetaTrainParams) -> tuple[list[str], list[str]]:
     """Train/validation split by run, stratified by model so every kind is validated."""
-    return split_runs_grouped(list(runs.run_id), list(runs.model), spec.val_fraction, spec.seed)
+    return split_runs_grouped([r.run_id for r in runs], [r.model for r in runs], spec.val_fraction, spec.seed)
 
 
 def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int):
-    """(pairs, log sizes per kind, trajectory coherence) of one run."""
-    attrs = store.require_run(run_id)
+    """(pairs, log sizes per kind, trajectory coherence, per-kind coherence) of one run."""
+    run = store.require_run(run_id)
     traj = store.read_stages(run_id)
-    layout = store.layout(run_id)
     if not np.isfinite(traj).all():
         raise BadInput(f"run {run_id} holds NaN/Inf weights; delete it and collect again")
-    pairs = build_pairs(traj, layout, WINDOW, max_per_kind=cap, rng=seed)
-    sizes = {k: pair_log_sizes(attrs["stage_subset_sizes"], len(Y)) for k, (X, Y) in pairs.items()}
-    return pairs, sizes, step_coherence(traj), per_kind_coherence(traj, layout)
+    pairs = build_pairs(traj, run.layout, WINDOW, max_per_kind=cap, rng=seed)
+    sizes = {k: pair_log_sizes(run.stage_subset_sizes, len(Y)) for k, (X, Y) in pairs.items()}
+    return pairs, sizes, step_coherence(traj, run.layout), per_kind_coherence(traj, run.layout)
 
 
-def gather(store, run_ids, spec: MetaSpec):
+def gather(store, run_ids, spec: MetaTrainParams):
     """Concatenate the pairs of several runs, per kind."""
     parts = [run_pairs(store, rid, spec.pairs_per_run, spec.seed + i) for i, rid in enumerate(run_ids)]
     pairs, sizes = {}, {}
@@ -91,7 +75,7 @@ def gather(store, run_ids, spec: MetaSpec):
 
 @task(name="meta-train-known", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
       task_run_name="meta-train-{meta_data}-{scaling}")
-def train_known_set(spec: MetaSpec, meta_data: str, scaling: str) -> str:
+def train_known_set(spec: MetaTrainParams, meta_data: str, scaling: str) -> str:
     """Train the three KNOWN models on one meta-data set with one input scaling. Returns its dir."""
     log = run_logger()
     set_torch_threads()
@@ -139,7 +123,7 @@ def train_known_set(spec: MetaSpec, meta_data: str, scaling: str) -> str:
 
 
 @task(name="meta-report", task_run_name="meta-report-{meta_data}")
-def meta_report(spec: MetaSpec, meta_data: str, model_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def meta_report(spec: MetaTrainParams, meta_data: str, model_dirs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validation-L1 table of every trained model and baseline on the held-out runs of `meta_data`,
     and per-run coherence with each run's identity and best-model L1."""
     store = TrajectoryStore(spec.store)
@@ -160,12 +144,12 @@ def meta_report(spec: MetaSpec, meta_data: str, model_dirs: list[str]) -> tuple[
         pairs, sizes, coh, coh_kind = run_pairs(store, rid, spec.pairs_per_run, spec.seed)
         t = l1_table(train_pairs, pairs, known_sets, sizes=sizes)
         t = t[t.kind == "all"].set_index("method").val_l1
-        rows.append({"run_id": rid, "mode": runs.set_index("run_id").loc[rid, "mode"], "coherence": coh,
+        rows.append({"run_id": rid, "mode": next(r.mode for r in runs if r.run_id == rid), "coherence": coh,
                      **{f"coherence_{k}": v for k, v in coh_kind.items()}, **{f"l1_{m}": v for m, v in t.items()}})
     return table, pd.DataFrame(rows)
 
 
-def pick_default(spec: MetaSpec, table: pd.DataFrame, model_dirs: list[str]) -> str:
+def pick_default(spec: MetaTrainParams, table: pd.DataFrame, model_dirs: list[str]) -> str:
     """Copy the model with the lowest overall val L1 on the main meta-data to <out>/known.pt."""
     allrows = table[(table.kind == "all") & (table.val_runs_of == spec.meta_data) & table.method.str.startswith("known-")]
     allrows = allrows[allrows.method.str.endswith(f"[{spec.meta_data}]")]
@@ -178,4 +162,4 @@ def pick_default(spec: MetaSpec, table: pd.DataFrame, model_dirs: list[str]) -> 
     return scaling
 
 
-__all__ = ["MetaSpec", "train_known_set", "meta_report", "pick_default", "eligible_runs"]
+__all__ = ["MetaTrainParams", "train_known_set", "meta_report", "pick_default", "eligible_runs"]

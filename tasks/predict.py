@@ -10,49 +10,22 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from pydantic import BaseModel, Field
 
-from know_core.known import load_official
+from know_core.errors import BadInput
+from know_core.known import OFFICIAL_FILES, load_official
 from know_core.layout import param_layout, unflatten_state
-from know_core.models import ModelSpec, build_from_spec
-from know_core.predict import PREDICTORS, PredictorConfig
+from know_core.models import build_from_spec
+from know_core.predict import PredictorConfig, virtual_factors
 from know_core.stream import predict_block
+from params.predict import ExportParams, KnownSource, PredictParams
 from storage.known_files import file_digest, known_path, load_known_payload
+from storage.records import PredictionInfo, RunRecord
 from storage.trajectory import StoreError, TrajectoryStore, config_hash
 
-from .common import BadInput, retry_unless_bad_input, run_logger, set_torch_threads
+from .common import retry_unless_bad_input, run_logger, set_torch_threads
 
 
-class PredictSpec(BaseModel):
-    store: str = Field("runs.zarr", description="Trajectory store (path or fsspec URL)")
-    run_id: str = Field(..., description="Run whose trajectory is extrapolated")
-    predictor: str = Field("know", description="naive | taskvector | logfit | know | know-s2 | know-s3 | know-s4")
-    steps: int = Field(3, description="Recurrent steps: 3 gives x2/x4/x8 at r=0.5")
-    known: str = Field("official", description="'official' or a directory written by `know meta-train`")
-    official_dir: str = Field("", description="Directory holding the authors' three KNOWN_*.h5 files (known=official)")
-    alpha: float = Field(1.0, description="taskvector step size")
-    predict_norm: bool = Field(False, description="Also predict norm affine parameters with the Bias model")
-    block_values: int = Field(1 << 22, description="Columns per streamed block (bounds memory)")
-
-    @property
-    def output_name(self) -> str:
-        """Name of the prediction in the store: predictor plus the KNOWN source where it matters."""
-        if not self.predictor.startswith("know"):
-            return self.predictor if self.alpha == 1.0 or self.predictor != "taskvector" else f"taskvector-a{self.alpha:g}"
-        source = "official" if self.known == "official" else Path(self.known).name
-        return f"{self.predictor}@{source}" + ("+norm" if self.predict_norm else "")
-
-
-def window_rows(predictor: str) -> int:
-    """Store rows a predictor reads: KNOWN's window of 5, or k for know-s<k>."""
-    if predictor == "know":
-        return 5
-    if predictor.startswith("know-s"):
-        return int(predictor[6:])
-    return 5 if predictor == "logfit" else 2
-
-
-def load_known_source(spec: PredictSpec):
+def load_known_source(spec: KnownSource):
     """The KnownSet named by the spec, plus a content digest for cache keys."""
     from know_core.known import known_set_from_dict
 
@@ -60,78 +33,65 @@ def load_known_source(spec: PredictSpec):
         if not spec.official_dir:
             raise BadInput("--known official needs --official-dir, the directory holding KNOWN_Conv.h5, KNOWN_FC.h5 and KNOWN_Bias.h5")
         ks = load_official(spec.official_dir)
-        digest = config_hash({k: file_digest(Path(spec.official_dir) / f)
-                              for k, f in (("conv", "KNOWN_Conv.h5"), ("fc", "KNOWN_FC.h5"), ("bias", "KNOWN_Bias.h5"))})
+        digest = config_hash({k: file_digest(Path(spec.official_dir) / f) for k, f in OFFICIAL_FILES.items()})
         return ks, digest
     ks = known_set_from_dict(load_known_payload(spec.known))
     return ks, file_digest(known_path(spec.known))
 
 
-def prediction_inputs(spec: PredictSpec, store: TrajectoryStore) -> tuple[dict, PredictorConfig]:
-    """Validate everything before anything is written; returns (run attrs, predictor config)."""
-    if spec.predictor not in PREDICTORS:
-        raise BadInput(f"unknown predictor {spec.predictor!r}; choose one of: {', '.join(PREDICTORS)}")
-    if spec.steps < 1:
-        raise BadInput(f"steps={spec.steps}: need at least 1 prediction step")
-    attrs = store.require_run(spec.run_id)
-    need = window_rows(spec.predictor)
-    if attrs["n_stages"] < need:
-        raise BadInput(f"run {spec.run_id} has a trajectory of {attrs['n_stages']} stages; "
-                       f"predictor {spec.predictor!r} needs at least {need}")
+def prediction_inputs(spec: PredictParams, store: TrajectoryStore) -> tuple[RunRecord, PredictorConfig, str]:
+    """Validate everything before anything is written: (run record, predictor config, KNOWN digest)."""
+    run = store.require_run(spec.run_id)
     cfg, digest = predictor_config(spec)
-    return {**attrs, "_known_digest": digest}, cfg
+    if run.n_stages < cfg.rows:
+        raise BadInput(f"run {spec.run_id} has a trajectory of {run.n_stages} stages; "
+                       f"predictor {spec.predictor!r} needs at least {cfg.rows}")
+    return run, cfg, digest
 
 
-def predictor_config(spec: PredictSpec) -> tuple[PredictorConfig, str]:
+def predictor_config(spec: KnownSource) -> tuple[PredictorConfig, str]:
     """The PredictorConfig a spec names (loading KNOWN where needed) and the source digest."""
     known, digest = (None, "")
-    if spec.predictor.startswith("know"):
+    if spec.uses_known:
         known, digest = load_known_source(spec)
     return PredictorConfig(spec.predictor, alpha=spec.alpha, known=known, predict_norm=spec.predict_norm), digest
 
 
 @task(name="predict-weights", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
       task_run_name="predict-{spec.predictor}-{spec.run_id}")
-def predict_run(spec: PredictSpec) -> str:
+def predict_run(spec: PredictParams) -> str:
     """Stream the trajectory block by block through the predictor into predictions/<run>/<name>."""
     log = run_logger()
     set_torch_threads(0)  # prediction runs alone: use every core
     store = TrajectoryStore(spec.store)
-    attrs, cfg = prediction_inputs(spec, store)
+    run, cfg, digest = prediction_inputs(spec, store)
     name = spec.output_name
-    input_hash = config_hash({"run": spec.run_id, "completed_at": attrs.get("completed_at"),
-                              **spec.model_dump(exclude={"store", "block_values"}), "known_digest": attrs["_known_digest"]})
-    old = store.prediction_attrs(spec.run_id, name) or {}
-    if old.get("status") == "complete" and old.get("input_hash") == input_hash:
+    input_hash = config_hash({"run": spec.run_id, "completed_at": run.completed_at or None,
+                              **spec.model_dump(exclude={"store", "block_values"}), "known_digest": digest})
+    old = store.prediction(spec.run_id, name)
+    if old is not None and old.is_complete and old.input_hash == input_hash:
         log.info("prediction %s of run %s is up to date: skipped", name, spec.run_id)
         return name
-    layout = store.layout(spec.run_id)
-    rows = window_rows(spec.predictor)
-    sizes = attrs["stage_subset_sizes"]
     # step k is the prediction for (1/r)^k times the full data (method §5); the rounded subset
     # sizes only approximate r (683 images at r=0.5 give 683/342 = 1.997), so use the run's r
-    factors = [(1.0 / attrs["sampling_rate"]) ** k for k in range(1, spec.steps + 1)]
-    arr = store.begin_prediction(spec.run_id, name, spec.steps, attrs["n_params"], {
-        "factors": factors, "predictor": spec.predictor, "alpha": spec.alpha, "predict_norm": spec.predict_norm,
-        "known_source": spec.known if spec.predictor.startswith("know") else "",
-        "known_scaling": cfg.known.scaling if cfg.known is not None else "",
-        "input_hash": input_hash, "steps": spec.steps,
-    })
+    factors = virtual_factors(run.sampling_rate, spec.steps)
+    arr = store.begin_prediction(spec.run_id, name, spec.steps, run.n_params, PredictionInfo(
+        factors=factors, predictor=spec.predictor, alpha=spec.alpha, predict_norm=spec.predict_norm,
+        known_source=spec.known if spec.uses_known else "",
+        known_scaling=cfg.known.scaling if cfg.known is not None else "", input_hash=input_hash, steps=spec.steps,
+    ))
     t0 = time.perf_counter()
     try:
-        for c0, block in store.iter_column_blocks(spec.run_id, slice(0, rows), spec.block_values):
-            arr[:, c0 : c0 + block.shape[1]] = predict_block(cfg, block, layout, c0, sizes, spec.steps)
+        for c0, block in store.iter_column_blocks(spec.run_id, slice(0, cfg.rows), spec.block_values):
+            arr[:, c0 : c0 + block.shape[1]] = predict_block(cfg, block, run.layout, c0, run.stage_subset_sizes,
+                                                             spec.steps, run.sampling_rate)
         seconds = time.perf_counter() - t0
         store.finish_prediction(spec.run_id, name, seconds=round(seconds, 4))
     except BaseException as e:
         store.drop_prediction(spec.run_id, name)  # never leave a half-written prediction behind
         raise e
-    log.info("predicted %s for run %s: factors %s, %d params in %.2fs", name, spec.run_id, factors, attrs["n_params"], seconds)
+    log.info("predicted %s for run %s: factors %s, %d params in %.2fs", name, spec.run_id, factors, run.n_params, seconds)
     return name
-
-
-def model_spec_of(attrs: dict) -> ModelSpec:
-    return ModelSpec(**attrs["model_spec"])
 
 
 def check_layout_fits(model: torch.nn.Module, layout, run_id: str, model_spec: dict) -> None:
@@ -160,26 +120,26 @@ def state_for(store: TrajectoryStore, run_id: str, source: str, step: int = 0) -
     return unflatten_state(vec, layout)
 
 
-def export_state(store_url: str, run_id: str, prediction: str, step: int, out: str,
-                 recalibrate_data: str = "", recalibrate_classes: str = "") -> dict:
+def export_state(p: ExportParams) -> dict:
     """Write a state_dict that loads with strict=True into the run's model class."""
-    from know_core.evaluate import recalibrate_bn
+    from know_core.probe import recalibrate_bn
     from tasks.specs import DataSpec
 
-    store = TrajectoryStore(store_url)
-    attrs = store.require_run(run_id)
-    model = build_from_spec(model_spec_of(attrs))
-    check_layout_fits(model, store.layout(run_id), run_id, attrs["model_spec"])
-    state = state_for(store, run_id, prediction, step)
+    store = TrajectoryStore(p.store)
+    run = store.require_run(p.run_id)
+    model = build_from_spec(run.model_spec_obj())
+    check_layout_fits(model, run.layout, p.run_id, run.model_spec)
+    prediction = p.prediction_name
+    state = state_for(store, p.run_id, prediction, p.step if prediction else 0)
     model.load_state_dict(state, strict=True)
     recal = "none"
-    if recalibrate_data:
-        data = DataSpec(dataset=recalibrate_data, classes=recalibrate_classes).load("train")
+    if p.recalibrate_bn:
+        data = DataSpec(dataset=p.recalibrate_bn, classes=p.recalibrate_classes).load("train")
         recalibrate_bn(model, data.x)
-        recal = recalibrate_data
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out)
-    return {"out": out, "run_id": run_id, "prediction": prediction, "step": step, "bn_recalibrated_on": recal,
-            "model_spec": attrs["model_spec"]}
+        recal = p.recalibrate_bn
+    Path(p.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), p.out)
+    return {"out": p.out, "run_id": p.run_id, "prediction": prediction, "step": p.step if prediction else 0,
+            "bn_recalibrated_on": recal, "model_spec": run.model_spec}
 
 

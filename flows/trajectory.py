@@ -1,0 +1,54 @@
+"""The target model's stage: pre-train Θ0 on the source data (kept as a checkpoint), then
+record its sequential forgetting trajectory (method §2).
+
+    from flows.trajectory import forgetting_trajectory
+    from params.collect import TrajectoryParams
+    run_id = forgetting_trajectory(TrajectoryParams(store="runs.zarr", model="resnet", stages=7))
+"""
+from __future__ import annotations
+
+from prefect import flow
+
+from know_core.data import subset_sizes
+from know_core.errors import BadInput
+from params.collect import TrajectoryParams
+from storage.trajectory import TrajectoryStore
+from tasks.collect import PretrainSpec, collect_run, pretrain
+from tasks.specs import RunSpec
+
+from .common import resume_hint
+
+
+def target_specs(p: TrajectoryParams) -> tuple[PretrainSpec, RunSpec]:
+    """The pre-training and the trajectory run the settings describe."""
+    data = dict(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit)
+    pre = PretrainSpec(model=p.model, width=p.width, epochs=p.pretrain_epochs, lr=p.pretrain_lr,
+                       batch_size=p.pretrain_batch_size, seed=p.seed, augment=p.augment, **data)
+    run = RunSpec(model=p.model, width=p.width, r=p.r, stages=p.stages, lr=p.lr, batch_size=p.batch_size,
+                  epochs_per_stage=p.epochs_per_stage, seed=p.seed, mode="sequential", augment=p.augment,
+                  start=pre.checkpoint_id, **data)
+    return pre, run
+
+
+def preflight(p: TrajectoryParams) -> RunSpec:
+    """Checks that need the data (the batch must fit the smallest subset); the trajectory run."""
+    _, run = target_specs(p)
+    n = len(run.load("train"))
+    smallest = subset_sizes(n, p.r, p.stages)[-1]
+    if p.batch_size > smallest:
+        raise BadInput(f"--batch-size {p.batch_size} is larger than the smallest subset ({smallest} of {n} images "
+                       f"at r={p.r:g}, {p.stages} stages); lower --batch-size, raise --r or use fewer --stages")
+    return run
+
+
+@flow(name="forgetting-trajectory", log_prints=True)
+def forgetting_trajectory(params: TrajectoryParams = TrajectoryParams()) -> str:
+    """The target model: pre-train Θ0 (kept as a checkpoint), then its sequential trajectory (method §2)."""
+    with resume_hint("forgetting-trajectory"):
+        pre, _ = target_specs(params)
+        run = preflight(params)
+        TrajectoryStore(params.store).prepare()
+        ckpt = pretrain(params.store, pre, params.device)
+        run_id = collect_run(params.store, run, params.device, threads=0)  # runs alone: every core
+        print(f"target trajectory {run_id} (from checkpoint {ckpt}) is complete")
+        return run_id

@@ -1,0 +1,147 @@
+"""Field groups shared by several stage models, and how a validation error reads.
+
+A stage model inherits the groups it needs, so each setting is written once and every model
+stays flat (the Prefect 3.8 UI form, `prefect.yaml` and `know submit --param` all see plain
+fields). Validators raise ValueError with a message that names the setting; pydantic turns
+it into a ValidationError, and `describe` makes that one line naming the option.
+
+    >>> from params.common import DataFields
+    >>> DataFields(dataset="digits", classes="0-4").class_list()
+    [0, 1, 2, 3, 4]
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from know_core.data import DATASETS, parse_classes
+from know_core.models import MODELS
+
+
+class StageModel(BaseModel):
+    """Base of every stage model: unknown names are refused (a typo is never dropped silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def option(field: str) -> str:
+    """The CLI option of a field: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
+
+
+def describe(error: ValidationError, cli: bool = True) -> str:
+    """One line for the first problem of a ValidationError, naming the option (or field)."""
+    err = error.errors()[0]
+    loc = ".".join(str(part) for part in err.get("loc", ()) if part != "__root__")
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting {option(loc) if cli else loc!r}; see --help for the valid ones"
+    if err["type"] == "missing":
+        return f"{option(loc) if cli else loc} is required"
+    if not loc:
+        return msg
+    name = option(loc) if cli else loc
+    bound = {"greater_than_equal": ("at least", "ge"), "greater_than": ("greater than", "gt"),
+             "less_than": ("less than", "lt"), "less_than_equal": ("at most", "le")}.get(err["type"])
+    if bound:
+        msg = f"must be {bound[0]} {err['ctx'][bound[1]]}"
+    value = err.get("input")
+    shown = f" {value}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    return f"{name}{shown}: {msg}"
+
+
+class StoreField(StageModel):
+    store: str = Field("runs.zarr", description="Trajectory store: a local path or an fsspec URL (s3://bucket/prefix)")
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_not_a_file(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must name a store directory or URL")
+        if "://" not in v and Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} is a file, not a Zarr store; pass a directory path or URL")
+        return v
+
+
+class DataFields(StageModel):
+    dataset: str = Field("digits", description="Data set: " + " | ".join(DATASETS))
+    data_dir: str = Field("", description="Directory of the data set files; empty = its default location")
+    classes: str = Field("", description="Class subset, e.g. '0-4' or '5,7,9'; empty = all classes")
+    limit: int = Field(0, ge=0, description="Use only N training images after a seeded shuffle (0 = all)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_parse(cls, v: str) -> str:
+        parse_classes(v)  # BadInput (a ValueError) names the problem
+        return v
+
+    def class_list(self) -> list[int]:
+        return parse_classes(self.classes)
+
+
+class DeviceField(StageModel):
+    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return check_device(v)
+
+
+class RunnerFields(DeviceField):
+    runner: Literal["thread", "dask"] = Field("thread", description="Task runner for the fan-out: thread | dask")
+    workers: int = Field(1, ge=1, description="Parallel training runs (thread pool size or Dask worker processes)")
+    dask_address: str = Field("", description="Existing Dask scheduler, e.g. tcp://127.0.0.1:8786 (runner=dask)")
+
+
+def check_device(v: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+        raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
+    return v
+
+
+def check_models(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"name at least one model: {', '.join(MODELS)}")
+    for m in names:
+        if m not in MODELS:
+            raise ValueError(f"unknown model {m!r}; choose one of: {', '.join(MODELS)}")
+    return names
+
+
+def check_one_model(text: str) -> str:
+    if len(check_models(text)) != 1:
+        raise ValueError("name exactly one model")
+    return text
+
+
+def check_learning_rates(text: str) -> str:
+    """A comma-separated list of positive learning rates."""
+    if any(lr <= 0 for lr in check_floats(text, "learning rates")):
+        raise ValueError("learning rates must be positive")
+    return text
+
+
+def check_floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of {what}") from None
+    if not values:
+        raise ValueError(f"give at least one {what[:-1] if what.endswith('s') else what}")
+    return values
+
+
+__all__ = ["StageModel", "StoreField", "DataFields", "DeviceField", "RunnerFields", "describe", "option", "check_models",
+           "check_floats", "check_device", "check_one_model", "check_learning_rates"]

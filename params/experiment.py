@@ -1,0 +1,176 @@
+"""Settings of the whole experiment (`know run`), and its presets.
+
+A preset fills every field it names; fields given explicitly (CLI options, `know submit
+--param`, a deployment's parameters) win over the preset:
+
+    >>> from params.experiment import ExperimentParams
+    >>> p = ExperimentParams(preset="quick", seeds=3)
+    >>> p.source_dataset, p.seeds, p.out
+    ('digits', 3, 'results/quick')
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from know_core.errors import BadInput
+from know_core.predict import step_for_factor
+
+from .common import DeviceField, check_learning_rates, check_models, check_one_model
+
+#: method names of the `methods` list; official rows need official_dir
+METHODS = ("naive", "naive-lr", "naive-full", "scratch", "know", "official", "taskvector", "logfit", "shrink",
+           "know-s2", "know-s3", "know-s4", "shrink-official")
+#: methods that read the official KNOWN
+OFFICIAL_METHODS = ("official", "shrink-official")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "full": {"methods": "naive,naive-lr,know:2,know:4,know:8,official:2,official:4,official:8,taskvector:2,"
+                        "taskvector:4,taskvector:8,logfit:2,logfit:4,logfit:8,know-s2:8,know-s3:8,shrink:2,"
+                        "shrink:4,shrink:8,shrink-official:2,shrink-official:4,shrink-official:8,scratch",
+             "meta_sequential_runs": 4},
+    "mnist": {"target_dataset": "mnist5k", "target_classes": ""},
+    "half-data": {"source_limit": 15000, "full_source_limit": 30000,
+                  "methods": "naive,naive-full,naive-lr,know:2,know:8,official:8,shrink:8,taskvector:2"},
+    "quick": {"source_dataset": "digits", "source_classes": "0-4", "meta_dataset": "digits", "meta_classes": "0-4",
+              "meta_limit": 0, "meta_runs": 4, "meta_epochs": 4, "meta_pairs_per_run": 5000,
+              "target_dataset": "digits", "target_classes": "5-9", "target_train_size": 300, "width": 8,
+              "pretrain_batch_size": 32, "traj_batch_size": 8, "pretrain_epochs": 5, "phase1_epochs": 1,
+              "phase2_epochs": 3, "ft_batch_size": 32, "lr2": 1e-3, "naive_lr_grid": "1e-3,2e-3", "seeds": 2,
+              "methods": "naive,naive-lr,know:2,know:4,know:8,official:8,taskvector:2,logfit:2,shrink:8,"
+                         "shrink-official:8,scratch"},
+}
+
+#: run-time knobs: they change where and how fast, never what is computed
+RUNTIME_FIELDS = {"out", "force", "workers", "device", "preset"}
+
+
+class ExperimentParams(DeviceField):
+    """The whole KNOW experiment: meta-data, KNOWN, the target trajectory, predictions,
+    fine-tunes over paired seeds, and the report."""
+
+    preset: str = Field("standard", description="Preset that fills every field not given: " + " | ".join(PRESETS))
+    out: str = Field("results/standard", description="Output folder (default results/<preset>): store, KNOWN "
+                     "models, cells, tables, plots")
+    force: bool = Field(False, description="Reuse an output folder that holds a different experiment")
+    workers: int = Field(2, ge=1, description="Parallel fine-tunes / collection runs (one torch thread each)")
+    official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5; empty = skip the official rows")
+    # source task and model
+    source_dataset: str = Field("fashion-mnist", description="Source (pre-training) data set")
+    source_classes: str = Field("0-4", description="Source classes")
+    source_limit: int = Field(0, ge=0, description="Source training images (0 = all); the half-data variant halves it")
+    full_source_limit: int = Field(0, ge=0, description="half-data variant: images of the full-data naive "
+                                   "baseline (0 = off)")
+    model: str = Field("resnet", description="Model of the source/target network")
+    width: int = Field(24, ge=0, description="Model width (resnet 24 = ~170k parameters)")
+    pretrain_epochs: int = Field(5, ge=1, description="Source pre-training epochs")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Source pre-training Adam lr")
+    pretrain_batch_size: int = Field(128, ge=1, description="Source pre-training batch size")
+    # forgetting trajectory
+    r: float = Field(0.5, gt=0, lt=1, description="Sampling rate of the nested subsets; method factors must be "
+                     "powers of 1/r")
+    window: int = Field(5, ge=2, le=5, description="KNOWN window S; the target trajectory gets S + 2 stages")
+    traj_lr: float = Field(1e-3, gt=0, description="Adam lr of the forgetting fine-tunes")
+    traj_batch_size: int = Field(128, ge=1, description="Batch size of the forgetting fine-tunes")
+    # meta data
+    meta_dataset: str = Field("fashion-mnist", description="Meta-trajectory data set (never the target test split)")
+    meta_classes: str = Field("0-4", description="Meta-trajectory classes")
+    meta_limit: int = Field(6000, ge=0, description="Meta-trajectory training images (0 = all)")
+    meta_models: str = Field("simple-cnn,mlp", description="Comma-separated models of the meta-trajectories")
+    meta_runs: int = Field(8, ge=0, description="Independent-mode meta runs per model")
+    meta_sequential_runs: int = Field(0, ge=0, description="Sequential-mode meta runs per model")
+    meta_stages: int = Field(7, ge=6, description="Stages per meta run (KNOWN pairs need >= 6)")
+    meta_epochs: int = Field(10, ge=1, description="Max KNOWN meta-training epochs")
+    meta_pairs_per_run: int = Field(20000, ge=1, description="Pairs per meta run and kind")
+    # target task and protocol
+    target_dataset: str = Field("fashion-mnist", description="Target data set")
+    target_classes: str = Field("5-9", description="Target classes")
+    target_train_size: int = Field(2000, ge=2, description="Balanced target training images")
+    phase1_epochs: int = Field(2, ge=0, description="Head + norm epochs (release: 10)")
+    phase2_epochs: int = Field(8, ge=1, description="Full fine-tune epochs (release: 100)")
+    lr1: float = Field(1e-3, gt=0, description="Phase-1 Adam lr")
+    lr2: float = Field(4e-4, gt=0, description="Phase-2 cosine start lr")
+    ft_batch_size: int = Field(128, ge=1, description="Fine-tune batch size")
+    naive_lr_grid: str = Field("4e-4,1e-3,2e-3", description="naive-lr candidates, chosen on a validation split")
+    seeds: int = Field(5, ge=1, description="Fine-tune seeds per method (paired across methods)")
+    methods: str = Field("naive,naive-lr,know:2,know:8,official:2,official:8,shrink:8,shrink-official:8,"
+                         "taskvector:2,logfit:2,scratch",
+                         description="Comma-separated method[:factor] list; a factor must be a power of 1/r")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "standard")
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return {**PRESETS[name], "out": f"results/{name}", **data}
+
+    @field_validator("source_dataset", "meta_dataset", "target_dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from .common import DataFields
+
+        DataFields(dataset=v)
+        return v
+
+    _model = field_validator("model")(lambda v: check_one_model(v))
+
+    @field_validator("meta_models")
+    @classmethod
+    def _meta_models(cls, v: str) -> str:
+        check_models(v)
+        return v
+
+    _grid = field_validator("naive_lr_grid")(lambda v: check_learning_rates(v))
+
+    @model_validator(mode="after")
+    def _methods(self):
+        self.method_factors()
+        if not self.meta_runs and not self.meta_sequential_runs:
+            raise ValueError("meta_runs and meta_sequential_runs are both 0; KNOWN needs meta runs to train on")
+        return self
+
+    def method_factors(self) -> list[tuple[str, float]]:
+        """[(method, factor)] from `methods`: 'know:8' -> ('know', 8.0), no factor -> 1.0.
+
+        Official rows are left out without official_dir. A factor that is not a power of
+        1/r is refused: the prediction could only be labelled with a factor it is not."""
+        out = []
+        for item in filter(None, (m.strip() for m in self.methods.split(","))):
+            name, _, factor_text = item.partition(":")
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r} in methods; choose from: {', '.join(sorted(METHODS))}")
+            try:
+                factor = float(factor_text) if factor_text else 1.0
+            except ValueError:
+                raise ValueError(f"method {item!r}: the factor after ':' must be a number") from None
+            if factor != 1.0:
+                step_for_factor(factor, self.r, option=f"method {item!r}: factor")
+            if name in OFFICIAL_METHODS and not self.official_dir:
+                continue  # official rows need the h5 files; skipped without them
+            if name == "naive-full" and not self.full_source_limit:
+                raise ValueError("method naive-full needs full_source_limit (the half-data preset sets it)")
+            out.append((name, factor))
+        return out
+
+    def step_of(self, factor: float) -> int:
+        """The prediction step of a method factor (0 for factor 1, Θ0 itself)."""
+        return 0 if factor == 1.0 else step_for_factor(factor, self.r)
+
+    def identity(self) -> dict:
+        """What makes two experiments the same (run-time knobs excluded)."""
+        return self.model_dump(exclude=RUNTIME_FIELDS)
+
+
+def preset_params(name: str, **overrides) -> ExperimentParams:
+    """The preset `name` with `overrides` on top (what `know run --preset NAME ...` builds)."""
+    if name not in PRESETS:
+        raise BadInput(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ExperimentParams(preset=name, **overrides)
+
+
+__all__ = ["ExperimentParams", "PRESETS", "METHODS", "preset_params"]
