@@ -8,7 +8,7 @@ row at a time, as collection writes them) against numpy.tofile of the same 5 row
 files in the same directory. Both land in the page cache (no fsync): the ratio is the store's
 own overhead (zarr encode, codec, one file per chunk), which is what a writer waits for.
 Read: the prediction's access pattern, TrajectoryStore.iter_column_blocks over the 5 rows with
-the default block (PredictSpec.block_values), against plain reads (readinto) of the same column
+the default block (PredictParams.block_values), against plain reads (readinto) of the same column
 blocks from the raw files. Configurations and raw runs are interleaved rep by rep; medians compared.
 
 Compression ratios (raw bytes / bytes on disk): the synthetic trajectory of bench_stream.py,
@@ -32,7 +32,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from bench_stream import SIZES, fill_stage, synthetic_layout
 
 GOAL_WRITE = 0.8
-BLOCK_VALUES = 1 << 22  # PredictSpec.block_values default
+BLOCK_VALUES = 1 << 22  # PredictParams.block_values default
 #: chunk lengths tried; larger than the prediction block (4M values) would make every block a
 #: whole chunk bigger than asked for (TrajectoryStore.block_length), so 4M is the ceiling
 CHUNKS = (1 << 18, 1 << 20, 1 << 22)
@@ -118,7 +118,8 @@ def real_trajectory(work: Path) -> np.ndarray:
 
     store = TrajectoryStore(work / "real.zarr")
     store.prepare()
-    spec = RunSpec(model="resnet", width=24, dataset="digits", stages=5, r=0.5, lr=1e-3, batch_size=32, seed=0)
+    spec = RunSpec(model="resnet", width=24, dataset="digits", stages=5, r=0.5, lr=1e-3, batch_size=32, seed=0,
+                   epochs_per_stage=1, mode="sequential")
     t0 = time.perf_counter()
     run_id = collect_run.fn(str(work / "real.zarr"), spec, "cpu")
     rows = store.read_stages(run_id)

@@ -103,9 +103,10 @@ def rss_mb() -> float:
 
 
 def child_predict(args) -> dict:
-    from tasks.predict import PredictSpec, predict_run
+    from params.predict import PredictParams
+    from tasks.predict import predict_run
 
-    spec = PredictSpec(store=args.store, run_id=args.run_id, predictor="know", steps=STEPS, known="official",
+    spec = PredictParams(store=args.store, run_id=args.run_id, predictor="know", steps=STEPS, known="official",
                        official_dir=str(REF), **({"block_values": args.block_values} if args.block_values else {}))
     base = rss_mb()
     w0, c0 = time.perf_counter(), time.process_time()
@@ -147,7 +148,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=int, default=100_000_000, help="parameters of the large synthetic model")
     ap.add_argument("--small-params", type=int, default=2_000_000, help="parameters of the in-memory small model")
-    ap.add_argument("--block-values", type=int, default=0, help="columns per streamed block (0: PredictSpec default)")
+    ap.add_argument("--block-values", type=int, default=0, help="columns per streamed block (0: PredictParams default)")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary stores go")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     ap.add_argument("--no-resnet18", action="store_true")
