@@ -28,14 +28,15 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 
 CASES = {
-    "r-above-one": (["--r", "1.5"], "r_min=1.5 is out of range"),
-    "r-zero": (["--r", "0"], "out of range"),
-    "one-stage": (["--stages", "1"], "at least 2 stages"),
+    # field constraints of the stage model: the message names the option and the bound
+    "r-above-one": (["--r", "1.5"], "--r 1.5: must be less than 1"),
+    "r-min-zero": (["--r-min", "0"], "--r-min 0: must be greater than 0"),
+    "one-stage": (["--stages", "1"], "--stages 1: must be at least 2"),
     # random sweep (the default): no r <= 0.5 gives 5 stages that hold a batch of 500
     "batch-too-large": (["--stages", "5", "--r", "0.5", "--batch-size", "500"], "with a batch of 500 at r <= 0.5"),
     "batch-too-large-grid": (["--sweep", "grid", "--stages", "5", "--r", "0.5", "--batch-size", "500"],
                              "batch size 500 is larger than the smallest subset"),
-    "unknown-model": (["--model", "vgg99"], "unknown model 'vgg99'"),
+    "unknown-model": (["--models", "vgg99"], "unknown model 'vgg99'"),
     "unknown-dataset": (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
 }
 

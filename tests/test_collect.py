@@ -144,7 +144,7 @@ def test_rerun_restarts_running_and_failed_runs(collected, tmp_path):
 
 
 def test_forgetting_trajectory_flow_starts_from_checkpoint(tmp_path, prefect_harness):
-    from flows.collect import TrajectoryParams, forgetting_trajectory, target_specs
+    from flows.trajectory import TrajectoryParams, forgetting_trajectory, target_specs
 
     store = tmp_path / "target.zarr"
     params = TrajectoryParams(store=str(store), dataset="digits", limit=500, model="simple-cnn",

@@ -140,4 +140,7 @@ def test_pipeline_params_are_flat_with_descriptions():
 
     for name, field in PipelineParams.model_fields.items():
         assert field.description, name
-        assert field.annotation in (str, int, float, bool), name
+        # flat: a plain type, or a Literal of strings (a string the UI shows as a choice)
+        literal = typing.get_origin(field.annotation) is typing.Literal
+        assert field.annotation in (str, int, float, bool) or (literal and all(
+            isinstance(a, str) for a in typing.get_args(field.annotation))), name

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -24,7 +25,8 @@ import flows.experiment  # noqa: F401
 import know_cli
 from conftest import REFERENCE_DIR
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# slow: the tests share the module-scoped `first` (a whole reduced `know run`)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 OLD_NS = 1_000_000_000_000_000_000  # 2001-09-09: any rewrite of a file moves its mtime off this
 METHODS = "naive,know:2,know:4,know:8,official:8,taskvector:2,logfit:2,shrink:8"
@@ -43,7 +45,7 @@ def _params(out: Path, **kw):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, prefect_harness):
+def first(tmp_path_factory, prefect_harness, reference_dir):  # official:8 reads REFERENCE_DIR
     from flows.experiment import know_run
 
     out = tmp_path_factory.mktemp("experiment") / "quick"
@@ -60,6 +62,7 @@ def _chunks(out: Path) -> list[Path]:
     return files
 
 
+@pytest.mark.needs_reference
 def test_outputs(first):
     out = first.out
     for name in ("results.csv", "probe.csv", "summary.csv", "summary.md", "accuracy_vs_factor.png",
@@ -103,6 +106,7 @@ def test_outputs(first):
     assert json.loads((out / "experiment.json").read_text()) == first.params.identity()
 
 
+@pytest.mark.needs_reference
 def test_rerun_reuses_every_stage(first):
     from flows.experiment import know_run
 
@@ -130,6 +134,7 @@ def test_rerun_reuses_every_stage(first):
     assert seconds < first.seconds, (seconds, first.seconds)
 
 
+@pytest.mark.needs_reference
 def test_other_experiment_in_same_folder_is_refused_unless_forced(first):
     from flows.experiment import know_run
     from tasks.common import BadInput
@@ -152,6 +157,7 @@ def test_other_experiment_in_same_folder_is_refused_unless_forced(first):
     assert json.loads((out / "experiment.json").read_text())["seeds"] == 1
 
 
+@pytest.mark.needs_reference
 def test_cli_refuses_other_experiment(first):
     """A real `know run` process: refused before any flow starts, so stderr holds only the error line."""
     from prefect.settings import PREFECT_API_URL
@@ -181,3 +187,25 @@ def test_unknown_preset(tmp_path, capfd):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown preset 'nope'" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_summary_coherence_is_the_conv_kernels_step_coherence_read_with_plain_zarr(first):
+    """The summary's coherence is over conv kernels (not BN statistics or counters), recomputed
+    here independently from the store with plain zarr and numpy."""
+    import re
+
+    import zarr
+
+    root = zarr.open_group(str(first.out / "store.zarr"), mode="r")
+    target = next(rid for rid in root["runs"].group_keys() if root[f"runs/{rid}"].attrs.get("start"))
+    attrs = root[f"runs/{target}"].attrs
+    w = np.asarray(root[f"runs/{target}/weights"][:], np.float64)
+    cols = np.concatenate([np.arange(t["offset"], t["offset"] + int(np.prod(t["shape"])))
+                           for t in attrs["layout"] if t["kind"] == "conv"])
+    steps = w[:-1, cols] - w[1:, cols]
+    cos = [a @ b / np.sqrt((a @ a) * (b @ b)) for a, b in zip(steps[:-1], steps[1:])]
+    md = (first.out / "summary.md").read_text()
+    shown = float(re.search(r"coherence \(mean cosine[^)]*\): conv (-?[0-9.]+)", md).group(1))
+    assert abs(shown - np.mean(cos)) < 1e-3 + 1e-6  # the summary prints 3 decimals
+    diag = pd.read_csv(first.out / "target_diagnostics.csv")
+    assert abs(diag.coherence_conv.iloc[0] - np.mean(cos)) < 1e-6

@@ -25,7 +25,8 @@ from know_core.known import (
     scale_window,
 )
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "know_reference"
+from conftest import REFERENCE_DIR as REF_DIR
+
 KINDS = ("conv", "fc", "bias")
 # Keras layer names of each stream, in the order Dense64, Dense8, base, coef, rate, Dense32
 STREAM_A = ("dense", "dense_1", "dense_2", "dense_3", "dense_4", "dense_5")
@@ -37,9 +38,7 @@ LAYER_SHAPES = {  # Keras kernel shapes (in, out)
     HEAD: (64, 1),
 }
 
-needs_reference = pytest.mark.skipif(
-    not REF_DIR.is_dir(), reason=f"official KNOWN fixtures not found at {REF_DIR}"
-)
+needs_reference = pytest.mark.needs_reference  # skipped by conftest when REF_DIR is absent
 
 
 # ---- an independent float64 numpy forward pass, written from method §4 -------------------
@@ -83,17 +82,13 @@ def random_layers(seed=0):
 
 
 @pytest.fixture(scope="module")
-def official() -> KnownSet:
-    if not REF_DIR.is_dir():
-        pytest.skip(f"official KNOWN fixtures not found at {REF_DIR}")
-    return load_official(REF_DIR)
+def official(reference_dir) -> KnownSet:
+    return load_official(reference_dir)
 
 
 @pytest.fixture(scope="module")
-def reference():
-    if not REF_DIR.is_dir():
-        pytest.skip(f"official KNOWN fixtures not found at {REF_DIR}")
-    return dict(np.load(REF_DIR / "known_reference_outputs.npz"))
+def reference(reference_dir):
+    return dict(np.load(reference_dir / "known_reference_outputs.npz"))
 
 
 # ---- architecture --------------------------------------------------------------------------

@@ -15,24 +15,23 @@ No bfloat16 or compiled path is used: bf16 was slower here (0.8-0.9x) and its er
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from know_core.known import KNOWN, known_residual, load_official
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "know_reference"
+from conftest import REFERENCE_DIR as REF_DIR
+
 KINDS = ("conv", "fc", "bias")
 SCALES = (1e-3, 1e-2, 1e-1, 1.0, 3.0)
 
-needs_reference = pytest.mark.skipif(not REF_DIR.is_dir(), reason=f"official KNOWN fixtures not found at {REF_DIR}")
+needs_reference = pytest.mark.needs_reference  # skipped by conftest when REF_DIR is absent
 
 
 @pytest.fixture(scope="module")
-def official():
-    return load_official(REF_DIR)
+def official(reference_dir):
+    return load_official(reference_dir)
 
 
 def trajectories(scale: float, n: int = 20000, seed: int = 0) -> torch.Tensor:

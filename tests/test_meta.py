@@ -1,4 +1,4 @@
-"""know_core.meta: pairs, run split, coherence, meta-training, baselines."""
+"""know_core.pairs / meta / baselines: pairs, run split, coherence, meta-training, baselines."""
 from __future__ import annotations
 
 import doctest
@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from know_core import meta
+from know_core import baselines, meta, pairs as pairs_module
+from know_core.baselines import constant_scale_fit, l1_table
 from know_core.layout import TensorSpec
-from know_core.meta import (
-    MetaConfig,
-    build_pairs,
-    constant_scale_fit,
-    l1_table,
-    pair_log_sizes,
-    per_kind_coherence,
-    split_runs,
-    step_coherence,
-    train_known,
-)
+from know_core.meta import MetaConfig, train_known
+from know_core.pairs import build_pairs, pair_log_sizes, per_kind_coherence, split_runs, step_coherence
 
 # conv 0..1, fc 2..3, bias 4, norm 5..6 (never paired by default)
 LAYOUT = [
@@ -312,3 +304,29 @@ def test_l1_table(data):
 def test_module_docstring_example_runs():
     res = doctest.testmod(meta, verbose=False)
     assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.parametrize("module", [pairs_module, baselines], ids=lambda m: m.__name__)
+def test_other_module_docstring_examples_run(module):  # meta: test_module_docstring_example_runs
+    res = doctest.testmod(module, verbose=False)
+    assert res.attempted > 0 and res.failed == 0
+
+
+def test_coherence_ignores_growing_counters_and_norm_statistics():
+    """A trajectory whose BN counters and running statistics grow the same way every stage,
+    while its weights random-walk: the coherence of what KNOWN predicts is about 0."""
+    from know_core.layout import TensorSpec
+    from know_core.pairs import per_kind_coherence, step_coherence
+
+    rng = np.random.default_rng(0)
+    layout = [TensorSpec("conv.weight", (64, 8, 3, 3), "conv", 0), TensorSpec("bn.running_var", (64,), "norm_stat", 4608),
+              TensorSpec("bn.num_batches_tracked", (), "norm_stat", 4672, "int64")]
+    S = 7
+    traj = np.zeros((S, 4673))
+    traj[:, :4608] = np.cumsum(rng.normal(0, 1e-3, (S, 4608)), axis=0)  # a random walk
+    traj[:, 4608:4672] = np.arange(S)[::-1, None] * 0.5  # statistics drift one way
+    traj[:, 4672] = np.array([118 * 2 ** -k for k in range(S)]).cumsum()[::-1] * 1000  # counters grow
+    assert step_coherence(traj) > 0.99  # the whole vector: the counters dominate
+    coh = step_coherence(traj, layout)
+    assert abs(coh) < 0.1 and abs(per_kind_coherence(traj, layout)["conv"] - coh) < 1e-12
+    assert set(per_kind_coherence(traj, layout)) == {"conv"}

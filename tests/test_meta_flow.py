@@ -22,7 +22,8 @@ import flows.predict  # noqa: F401
 import know_cli
 from conftest import REFERENCE_DIR
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# slow: the tests share the module-scoped `world` (a meta sweep and a target run) and `trained`
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 OLD_NS = 1_000_000_000_000_000_000  # 2001-09-09: any rewrite of a file moves its mtime off this
 EPOCHS, PAIRS = 2, 2000
@@ -40,7 +41,7 @@ def world(tmp_path_factory, prefect_harness):
 
 
 def _params(world, out: Path, **kw):
-    from flows.predict import MetaTrainParams
+    from flows.meta_train import MetaTrainParams
 
     base = dict(store=str(world.store), out=str(out), epochs=EPOCHS, pairs_per_run=PAIRS,
                 official_dir=str(REFERENCE_DIR), exclude_runs=world.target)
@@ -48,14 +49,15 @@ def _params(world, out: Path, **kw):
 
 
 @pytest.fixture(scope="module")
-def trained(world):
-    from flows.predict import meta_train_known
+def trained(world, reference_dir):  # _params: official_dir=REFERENCE_DIR
+    from flows.meta_train import meta_train_known
 
     out = world.root / "known"
     result = meta_train_known(_params(world, out))
     return SimpleNamespace(out=out, result=result)
 
 
+@pytest.mark.needs_reference
 def test_meta_train_writes_models_and_tables(world, trained):
     from know_core.known import known_set_from_dict
     from storage.known_files import load_known_payload
@@ -113,8 +115,9 @@ def test_meta_train_writes_models_and_tables(world, trained):
     assert all(1 <= len(rows) <= EPOCHS for rows in history.values())
 
 
+@pytest.mark.needs_reference
 def test_rerun_is_skipped(world, trained):
-    from flows.predict import meta_train_known
+    from flows.meta_train import meta_train_known
 
     out = trained.out
     models = [out / "known.pt", out / "all" / "raw" / "known.pt", out / "all" / "minmax" / "known.pt"]
@@ -130,9 +133,10 @@ def test_rerun_is_skipped(world, trained):
     pd.testing.assert_frame_equal(pd.read_csv(out / "val_l1.csv"), before)
 
 
+@pytest.mark.needs_reference
 def test_changed_config_retrains(world, trained, tmp_path):
     """The cache key holds the config: other pairs per run -> a new model, not the cached one."""
-    from flows.predict import meta_train_known
+    from flows.meta_train import meta_train_known
     from storage.known_files import load_known_payload
 
     out = tmp_path / "known"
@@ -143,6 +147,7 @@ def test_changed_config_retrains(world, trained, tmp_path):
     assert new["input_hash"] != old and new["config"]["pairs_per_run"] == PAIRS // 2
 
 
+@pytest.mark.needs_reference
 def test_interrupted_training_resumes_from_its_checkpoint(world, tmp_path):
     """Killed after KNOWN conv finished and before fc saved an epoch: the rerun resumes conv.
 
@@ -151,9 +156,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(world, tmp_path):
     so the interruption is a real failure: the fc checkpoint's temporary file can't be written.
     """
     from storage.known_files import load_known_payload, load_state
-    from tasks.meta import MetaSpec, train_known_set
+    from tasks.meta import MetaTrainParams, train_known_set
 
-    spec = MetaSpec(**_params(world, tmp_path / "known").model_dump())
+    spec = MetaTrainParams(**_params(world, tmp_path / "known").model_dump())
     out = tmp_path / "known" / "all" / "raw"
     out.mkdir(parents=True)
     blocker = out / "ckpt-fc.tmp"  # save_state writes here, then renames: a directory makes it fail
@@ -186,8 +191,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(world, tmp_path):
     assert [r["wall_s"] for r in redone] != [r["wall_s"] for r in conv["history"]]
 
 
+@pytest.mark.needs_reference
 def test_too_few_runs_is_bad_input(world, tmp_path):
-    from flows.predict import meta_train_known
+    from flows.meta_train import meta_train_known
     from tasks.common import BadInput
 
     store = tmp_path / "one.zarr"

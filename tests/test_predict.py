@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import doctest
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,8 @@ from know_core.predict import (
     window_from_stages,
 )
 
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "know_reference"
+from conftest import REFERENCE_DIR as REF_DIR
+
 SIZES5 = [3125.0, 6250.0, 12500.0, 25000.0, 50000.0]  # r = 0.5, oldest -> newest
 
 
@@ -187,7 +187,7 @@ def test_know_minmax_set_adds_scaled_residual(known_set):
     torch.testing.assert_close(got, w[-1] + ks.residual("fc", w.t().contiguous()))
 
 
-@pytest.mark.skipif(not REF_DIR.is_dir(), reason=f"official KNOWN fixtures not found at {REF_DIR}")
+@pytest.mark.needs_reference
 def test_official_know_prediction_is_finite_and_small():
     ks = load_official(REF_DIR)
     w = trajectory(n=4096)
@@ -223,9 +223,8 @@ def test_window_from_stages_reverses_store_order():
 
 
 def test_virtual_factors():
-    assert virtual_factors([250, 500, 1000], 3) == pytest.approx([2, 4, 8])
-    assert virtual_factors([1, 3], 2) == pytest.approx([3, 9])
-    assert virtual_factors(sizes_from_stages([900, 300, 100], 3), 2) == pytest.approx([3, 9])
+    assert virtual_factors(0.5, 3) == pytest.approx([2, 4, 8])
+    assert virtual_factors(1 / 3, 2) == pytest.approx([3, 9])
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -260,3 +259,24 @@ def test_known_residual_equals_forward_on_predict_windows(known_set):
 def test_module_docstring_example_runs():
     result = doctest.testmod(predict_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_logfit_fits_once_and_extrapolates_that_line_to_every_step():
+    """On a saturating curve a refit on its own predictions drifts; logfit evaluates the one
+    least-squares line of the observed window at sizes N0 / r^k."""
+    sizes = [62.5, 125, 250, 500, 1000]
+    x = torch.tensor([math.log(s) for s in sizes], dtype=torch.float64)
+    w = (1 - torch.exp(-x / 3))[:, None].float().expand(5, 4).contiguous()  # saturating in log(size)
+    design = torch.stack([torch.ones(5, dtype=torch.float64), x], 1)
+    coef = torch.linalg.lstsq(design, w.double()).solution
+    out = predict_steps(PredictorConfig("logfit"), w, "fc", sizes, steps=3, r=0.5)
+    for k in (1, 2, 3):
+        expected = coef[0] + coef[1] * math.log(1000 * 2.0**k)
+        torch.testing.assert_close(out[k - 1], expected.float(), rtol=1e-5, atol=1e-6)
+    # the recurrence (refit on its own predictions) gives a different third step
+    window, sz, rec = w.clone(), list(sizes), []
+    for _ in range(3):
+        new = predict_next(PredictorConfig("logfit"), window, "fc", sz, 0.5)
+        rec.append(new)
+        window, sz = torch.cat([window[1:], new[None]]), sz[1:] + [sz[-1] * 2]
+    assert not torch.allclose(rec[2], out[2], rtol=1e-4, atol=1e-5)

@@ -25,7 +25,8 @@ import flows.predict  # noqa: F401
 import know_cli
 from conftest import REFERENCE_DIR
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# slow: every test shares the module-scoped `world` (meta sweep + target run + KNOWN training)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 OLD_NS = 1_000_000_000_000_000_000  # 2001-09-09: any rewrite of a file moves its mtime off this
 STEPS = 3
@@ -83,7 +84,7 @@ def _assert_one_line_error(code: int, err: str, *expected: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, prefect_harness):
     from conftest import collect_small_world
-    from flows.predict import MetaTrainParams, meta_train_known
+    from flows.meta_train import MetaTrainParams, meta_train_known
 
     root = tmp_path_factory.mktemp("predict")
     store = root / "runs.zarr"
@@ -106,12 +107,12 @@ PREDICTIONS = {
 
 def _predict_args(world, label: str) -> list[str]:
     args, _ = PREDICTIONS[label]
-    return ["predict", "--store", world.store, "--run", world.target, "--steps", STEPS,
+    return ["predict", "--store", world.store, "--run-id", world.target, "--steps", STEPS,
             *[str(a).format(known=world.known) for a in args]]
 
 
 @pytest.fixture(scope="module")
-def predicted(world):
+def predicted(world, reference_dir):  # know-official reads REFERENCE_DIR
     for label in PREDICTIONS:
         assert _cli(_predict_args(world, label)) == 0, label
     return {label: name for label, (_, name) in PREDICTIONS.items()}
@@ -147,6 +148,7 @@ def _theta0_and_layout(store, run_id):
 # ------------------------------------------------------------------ predictions in the store
 
 
+@pytest.mark.needs_reference
 def test_predictions_have_shape_factors_and_keep_norm_stats(world, predicted):
     from know_core.layout import PREDICTED_KINDS
 
@@ -190,6 +192,7 @@ def test_predictions_have_shape_factors_and_keep_norm_stats(world, predicted):
     assert ours["known_source"] == str(world.known) and ours["known_scaling"] in ("raw", "minmax")
 
 
+@pytest.mark.needs_reference
 def test_repeated_prediction_is_not_recomputed(world, predicted):
     from storage.trajectory import TrajectoryStore
 
@@ -235,13 +238,14 @@ def _rechunked_copy(world, tmp_path, chunk: int) -> Path:
     return dst_path
 
 
+@pytest.mark.needs_reference
 def test_streamed_prediction_equals_in_memory_per_tensor(world, predicted, tmp_path):
     from flows.predict import PredictParams, predict_weights
     from know_core.known import known_set_from_dict, load_official
     from know_core.predict import PredictorConfig, predict_steps, sizes_from_stages, window_from_stages
     from storage.known_files import load_known_payload
     from storage.trajectory import TrajectoryStore
-    from tasks.predict import window_rows
+    from know_core.predict import window_rows
 
     # block_values can't go below one chunk, and the flow's stores use one chunk for a model
     # this small: re-chunk the run so a small block_values gives many blocks
@@ -255,6 +259,7 @@ def test_streamed_prediction_equals_in_memory_per_tensor(world, predicted, tmp_p
     layout = ts.layout(world.target)
     assert any(s.offset // 2000 != (s.stop - 1) // 2000 for s in layout)  # tensors straddle blocks
     sizes = ts.run_attrs(world.target)["stage_subset_sizes"]
+    r = ts.run_attrs(world.target)["sampling_rate"]  # the run's r, as the flow uses it
     ours = known_set_from_dict(load_known_payload(world.known))
     official = load_official(REFERENCE_DIR)
     cases = {"know-official": ("know", dict(known="official", official_dir=str(REFERENCE_DIR)), official),
@@ -272,7 +277,7 @@ def test_streamed_prediction_equals_in_memory_per_tensor(world, predicted, tmp_p
         cfg = PredictorConfig(predictor, known=ks)
         for s in layout:
             window = window_from_stages(torch.from_numpy(traj[:rows, s.offset:s.stop].copy()), rows)
-            ref = predict_steps(cfg, window, s.kind, sizes_from_stages(sizes[:rows], rows), STEPS).numpy()
+            ref = predict_steps(cfg, window, s.kind, sizes_from_stages(sizes[:rows], rows), STEPS, r).numpy()
             np.testing.assert_allclose(streamed[:, s.offset:s.stop], ref, rtol=1e-5, atol=1e-7,
                                        err_msg=f"{label}: tensor {s.name}")
         # one block (the flow's store) and many blocks give the same prediction
@@ -298,13 +303,14 @@ def _load_exported(path: Path, attrs: dict):
     return model.eval(), state
 
 
+@pytest.mark.needs_reference
 def test_export_loads_strict_and_gives_finite_logits(world, predicted, tmp_path):
     from know_core.layout import unflatten_state
 
     theta0, layout, attrs = _theta0_and_layout(world.store, world.target)
     pred = _root(world.store)[f"predictions/{world.target}/{predicted['know-official']}/weights"][STEPS - 1]
     out = tmp_path / "export" / "model.pt"
-    assert _cli(["export", "--store", world.store, "--run", world.target, "--prediction", predicted["know-official"],
+    assert _cli(["export", "--store", world.store, "--run-id", world.target, "--prediction", predicted["know-official"],
                  "--step", STEPS, "--out", out]) == 0
     model, state = _load_exported(out, attrs)
     expected = unflatten_state(pred, layout)
@@ -320,23 +326,24 @@ def test_export_loads_strict_and_gives_finite_logits(world, predicted, tmp_path)
 
     # --predictor shorthand and Θ0 export
     out0 = tmp_path / "theta0.pt"
-    assert _cli(["export", "--store", world.store, "--run", world.target, "--out", out0]) == 0
+    assert _cli(["export", "--store", world.store, "--run-id", world.target, "--out", out0]) == 0
     _, s0 = _load_exported(out0, attrs)
     assert all(torch.equal(s0[k], t0[k]) for k in t0)
     out_tv = tmp_path / "tv.pt"
-    assert _cli(["export", "--store", world.store, "--run", world.target, "--predictor", "taskvector", "--step", 1,
+    assert _cli(["export", "--store", world.store, "--run-id", world.target, "--predictor", "taskvector", "--step", 1,
                  "--out", out_tv]) == 0
     _, stv = _load_exported(out_tv, attrs)
     assert not torch.equal(stv["stem.weight"], t0["stem.weight"])
 
 
+@pytest.mark.needs_reference
 def test_export_recalibrates_batchnorm(world, predicted, tmp_path):
     from know_core.layout import unflatten_state
 
     theta0, layout, attrs = _theta0_and_layout(world.store, world.target)
     t0 = unflatten_state(theta0, layout)
     out = tmp_path / "recal.pt"
-    assert _cli(["export", "--store", world.store, "--run", world.target, "--prediction", predicted["know-ours"],
+    assert _cli(["export", "--store", world.store, "--run-id", world.target, "--prediction", predicted["know-ours"],
                  "--step", 2, "--out", out, "--recalibrate-bn", "digits", "--recalibrate-classes", "0-4"]) == 0
     model, state = _load_exported(out, attrs)
     stats = [s.name for s in layout if s.name.endswith(("running_mean", "running_var"))]
@@ -362,6 +369,7 @@ def _no_prediction(store: Path, run_id: str, name: str) -> None:
     assert run_id not in group or list(group[run_id].group_keys()) == []
 
 
+@pytest.mark.needs_reference
 def test_trajectory_shorter_than_window(world, tmp_path, capfd):
     from storage.trajectory import TrajectoryStore
 
@@ -377,17 +385,17 @@ def test_trajectory_shorter_than_window(world, tmp_path, capfd):
         s.append_stage(short, k, s.read_stages(src, k))
     s.finish_run(short)
 
-    code, err = _cli_err(["predict", "--store", store, "--run", short, "--predictor", "know", "--known", "official",
+    code, err = _cli_err(["predict", "--store", store, "--run-id", short, "--predictor", "know", "--known", "official",
                           "--official-dir", REFERENCE_DIR], capfd)
     _assert_one_line_error(code, err, "4 stages", "'know'", "at least 5")
     _no_prediction(store, short, "know@official")
     # taskvector needs only 2 stages: the same run works
-    assert _cli(["predict", "--store", store, "--run", short, "--predictor", "taskvector"]) == 0
+    assert _cli(["predict", "--store", store, "--run-id", short, "--predictor", "taskvector"]) == 0
 
 
 def test_unknown_run(world, tmp_path, capfd):
     store = _copy_store(world, tmp_path)
-    code, err = _cli_err(["predict", "--store", store, "--run", "nope123", "--predictor", "taskvector"], capfd)
+    code, err = _cli_err(["predict", "--store", store, "--run-id", "nope123", "--predictor", "taskvector"], capfd)
     _assert_one_line_error(code, err, "'nope123'", "does not exist")
     assert not (store / "predictions" / "nope123").exists()
 
@@ -396,7 +404,7 @@ def test_incomplete_run(world, tmp_path):
     store = _copy_store(world, tmp_path)
     zarr.open_group(str(store), mode="a")[f"runs/{world.target}"].attrs["status"] = "running"
     # a real process: no flow may start (Prefect would log the failure and its traceback to stderr)
-    code, err = _cli_process(["predict", "--store", store, "--run", world.target, "--predictor", "logfit"])
+    code, err = _cli_process(["predict", "--store", store, "--run-id", world.target, "--predictor", "logfit"])
     _assert_one_line_error(code, err, "'running'", "not complete")
     _no_prediction(store, world.target, "logfit")
 
@@ -408,15 +416,15 @@ def test_h5_that_is_not_known(world, tmp_path, capfd):
     for name in ("KNOWN_Conv.h5", "KNOWN_FC.h5", "KNOWN_Bias.h5"):
         with h5py.File(bad / name, "w") as f:
             f.create_dataset("weights", data=np.zeros((3, 3), np.float32))
-    code, err = _cli_err(["predict", "--store", store, "--run", world.target, "--predictor", "know", "--known",
+    code, err = _cli_err(["predict", "--store", store, "--run-id", world.target, "--predictor", "know", "--known",
                           "official", "--official-dir", bad, "--steps", 1], capfd)
     _assert_one_line_error(code, err, "KNOWN_Conv.h5", "not a KNOWN model")
     _no_prediction(store, world.target, "know@official")
     # the official source needs its directory
-    code, err = _cli_err(["predict", "--store", store, "--run", world.target, "--predictor", "know"], capfd)
+    code, err = _cli_err(["predict", "--store", store, "--run-id", world.target, "--predictor", "know"], capfd)
     _assert_one_line_error(code, err, "--official-dir")
     # a directory without a trained KNOWN
-    code, err = _cli_err(["predict", "--store", store, "--run", world.target, "--predictor", "know", "--known",
+    code, err = _cli_err(["predict", "--store", store, "--run-id", world.target, "--predictor", "know", "--known",
                           tmp_path / "empty"], capfd)
     _assert_one_line_error(code, err, "no trained KNOWN")
     _no_prediction(store, world.target, "know@empty")
@@ -429,7 +437,7 @@ def test_export_layout_mismatch(world, tmp_path, capfd):
     assert spec["width"] == 8
     group.attrs["model_spec"] = {**spec, "width": 16}
     out = tmp_path / "model.pt"
-    code, err = _cli_err(["export", "--store", store, "--run", world.target, "--out", out], capfd)
+    code, err = _cli_err(["export", "--store", store, "--run-id", world.target, "--out", out], capfd)
     _assert_one_line_error(code, err, world.target, "stem.weight")
     assert not out.exists()
 
@@ -451,7 +459,7 @@ def test_nan_in_trajectory_names_the_tensor(world, tmp_path, capfd):
         predict_weights(PredictParams(store=str(store), run_id=world.target, predictor="taskvector", steps=STEPS))
     _no_prediction(store, world.target, "taskvector")
 
-    code, err = _cli_err(["predict", "--store", store, "--run", world.target, "--predictor", "know", "--known",
+    code, err = _cli_err(["predict", "--store", store, "--run-id", world.target, "--predictor", "know", "--known",
                           world.known], capfd, starts_flow=True)
     # found while streaming, inside the flow: Prefect logs the failed run above the error line
     assert code == 2, err

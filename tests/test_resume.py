@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 N_RUNS, N_STAGES = 6, 5
 #: the command under test; full digits and 2 epochs per stage make a run last ~1 s, long
 #: enough to stop the process while a run is half written
-COLLECT = ["collect", "--dataset", "digits", "--model", "simple-cnn", "--runs", str(N_RUNS), "--stages", str(N_STAGES),
+COLLECT = ["collect", "--dataset", "digits", "--models", "simple-cnn", "--runs", str(N_RUNS), "--stages", str(N_STAGES),
            "--runner", "thread", "--workers", "1", "--limit", "0", "--epochs-per-stage", "2", "--seed", "0",
            "--device", "cpu"]
 #: attrs that legitimately differ between two collections of the same run
@@ -222,7 +222,8 @@ def test_failed_prediction_leaves_nothing_complete_and_retry_reruns_only_predict
     from flows.collect import collect_trajectories
     from flows.predict import PredictParams, predict_weights
     from storage.trajectory import TrajectoryStore
-    from tasks.predict import PredictSpec, predict_run
+    from params.predict import PredictParams
+    from tasks.predict import predict_run
 
     collect_params, run_ids = small_store
     store = Path(collect_params.store)
@@ -270,5 +271,5 @@ def test_failed_prediction_leaves_nothing_complete_and_retry_reruns_only_predict
         return {str(p): p.stat().st_mtime_ns for p in (store / "predictions").rglob("*") if p.is_file()}
 
     before = pred_files()
-    assert predict_run.fn(PredictSpec(**params.model_dump())) == name
+    assert predict_run.fn(PredictParams(**params.model_dump())) == name
     assert pred_files() == before

@@ -127,14 +127,15 @@ def test_predict_and_export_on_s3_equal_local(s3, local, on_s3, predictor, tmp_p
     from flows.predict import PredictParams, predict_weights
     from know_core.models import ModelSpec, build_from_spec
     from storage.trajectory import TrajectoryStore
-    from tasks.predict import PredictSpec, export_state, predict_run
+    from params.predict import ExportParams, PredictParams
+    from tasks.predict import export_state, predict_run
 
     url, run_ids = on_s3
     rid = run_ids[0]
     runs_before = s3.versions(f"{PREFIX}/runs/")
 
     name = predict_weights(PredictParams(store=url, run_id=rid, predictor=predictor, steps=3))  # the flow
-    ref_name = predict_run.fn(PredictSpec(store=str(local[0]), run_id=rid, predictor=predictor, steps=3))  # the task
+    ref_name = predict_run.fn(PredictParams(store=str(local[0]), run_id=rid, predictor=predictor, steps=3))  # the task
     assert name == ref_name == predictor
 
     store, ref = TrajectoryStore(url), TrajectoryStore(local[0])
@@ -152,13 +153,13 @@ def test_predict_and_export_on_s3_equal_local(s3, local, on_s3, predictor, tmp_p
 
     # a repeated prediction is served from the store
     pred_before = s3.versions(f"{PREFIX}/predictions/{rid}/{name}/")
-    predict_run.fn(PredictSpec(store=url, run_id=rid, predictor=predictor, steps=3))
+    predict_run.fn(PredictParams(store=url, run_id=rid, predictor=predictor, steps=3))
     assert s3.versions(f"{PREFIX}/predictions/{rid}/{name}/") == pred_before
 
     # export from S3: a strict state_dict for the run's model class, equal to the local export
     out, ref_out = tmp_path / "s3.pt", tmp_path / "local.pt"
-    info = export_state(url, rid, name, 2, str(out))
-    export_state(str(local[0]), rid, name, 2, str(ref_out))
+    info = export_state(ExportParams(store=url, run_id=rid, prediction=name, step=2, out=str(out)))
+    export_state(ExportParams(store=str(local[0]), run_id=rid, prediction=name, step=2, out=str(ref_out)))
     state, ref_state = torch.load(out, weights_only=True), torch.load(ref_out, weights_only=True)
     model = build_from_spec(ModelSpec(**info["model_spec"]))
     model.load_state_dict(state, strict=True)

@@ -267,7 +267,7 @@ def test_resume_local_flow_run(server, tmp_path):
     """`know resume` of a run without a deployment (a local `know meta-train`) re-runs it here."""
     from flows.collect import CollectParams, collect_trajectories
     from flows.ops import resume
-    from flows.predict import MetaTrainParams, meta_train_known
+    from flows.meta_train import MetaTrainParams, meta_train_known
 
     store = tmp_path / "runs.zarr"
     state = meta_train_known(MetaTrainParams(store=str(store), out=str(tmp_path / "known"), epochs=1,

@@ -198,7 +198,7 @@ def test_require_run_and_layout(make_store, layout):
     with pytest.raises(StoreError, match="does not exist"):
         store.require_run("nope")
     _write_run(store, "r", layout, _rows(layout))
-    assert store.require_run("r")["status"] == "complete"
+    assert store.require_run("r").status == "complete"
     assert store.layout("r") == layout
 
 

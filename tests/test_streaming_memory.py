@@ -34,7 +34,8 @@ from know_core.predict import PredictorConfig
 from know_core.stream import predict_block
 from storage.known_files import save_known
 from storage.trajectory import TrajectoryStore
-from tasks.predict import PredictSpec, predict_run
+from params.predict import PredictParams
+from tasks.predict import predict_run
 
 CHUNK = 4096
 BLOCK = 4096
@@ -105,14 +106,14 @@ def torch_peak_bytes(prof) -> int:
     return peak
 
 
-def fresh(store: TrajectoryStore, spec: PredictSpec) -> PredictSpec:
+def fresh(store: TrajectoryStore, spec: PredictParams) -> PredictParams:
     """Drop an earlier prediction, else the task skips it as up to date."""
     if store.prediction_attrs(spec.run_id, spec.output_name) is not None:
         store.drop_prediction(spec.run_id, spec.output_name)
     return spec
 
 
-def numpy_peak(store: TrajectoryStore, spec: PredictSpec) -> int:
+def numpy_peak(store: TrajectoryStore, spec: PredictParams) -> int:
     """Peak of numpy/Python bytes allocated while predict_run.fn(spec) runs (tracemalloc)."""
     fresh(store, spec)
     tracemalloc.start()
@@ -125,7 +126,7 @@ def numpy_peak(store: TrajectoryStore, spec: PredictSpec) -> int:
         tracemalloc.stop()
 
 
-def torch_peak(store: TrajectoryStore, spec: PredictSpec) -> int:
+def torch_peak(store: TrajectoryStore, spec: PredictParams) -> int:
     """Peak of torch CPU bytes live while predict_run.fn(spec) runs (profiler)."""
     fresh(store, spec)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -133,6 +134,7 @@ def torch_peak(store: TrajectoryStore, spec: PredictSpec) -> int:
     return torch_peak_bytes(prof)
 
 
+@pytest.mark.slow  # four profiled predictions of a 50-block trajectory
 def test_streamed_prediction_memory_stays_near_one_block(tmp_path, known, monkeypatch):
     ks, known_dir = known
     monkeypatch.setattr(known_module, "CPU_BATCH", KNOWN_BATCH)
@@ -141,7 +143,7 @@ def test_streamed_prediction_memory_stays_near_one_block(tmp_path, known, monkey
     store.prepare()
     layout, stages = write_run(store, "long", N_PARAMS)
     write_run(store, "short", SHORT_PARAMS)
-    short = PredictSpec(store=store.url, run_id="short", predictor="know", steps=STEPS, known=known_dir,
+    short = PredictParams(store=store.url, run_id="short", predictor="know", steps=STEPS, known=known_dir,
                         block_values=BLOCK)
     long = short.model_copy(update={"run_id": "long"})
     predict_run.fn(fresh(store, short))  # warm-up: first-call caches (zarr codecs, kernels) are not streaming

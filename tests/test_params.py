@@ -1,0 +1,109 @@
+"""One source of truth: every setting is a field of its stage model (params/), and the CLI,
+`know submit --param` and the core arithmetic all follow from it."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+import know_cli  # noqa: F401 - sets the Prefect environment before flows are imported
+from cli.commands import app
+from params import COMMANDS, CollectParams, ExperimentParams, PipelineParams, describe, option
+
+
+def _cli_arguments(command: str):
+    return [a for a in app[command].assemble_argument_collection() if a.keys]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_cli_option_is_a_field_of_the_commands_model_with_its_default(command):
+    model = COMMANDS[command]
+    args = _cli_arguments(command)
+    seen = set()
+    for arg in args:
+        field = arg.keys[-1]
+        assert field in model.model_fields, f"know {command} {arg.name}: no field {field!r} in {model.__name__}"
+        assert option(field) in arg.names, (arg.names, field)
+        info = model.model_fields[field]
+        default = info.get_default(call_default_factory=True)
+        if info.is_required():
+            assert arg.required, field
+        else:
+            assert arg.field_info.default == default, (command, field, arg.field_info.default, default)
+        seen.add(field)
+    assert seen == set(model.model_fields), f"fields without a CLI option: {set(model.model_fields) - seen}"
+
+
+def test_cli_help_shows_the_models_descriptions(capsys):
+    for command, model in COMMANDS.items():
+        with pytest.raises(SystemExit) as exc:
+            know_cli.main([command, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        for name, field in model.model_fields.items():
+            assert option(name) in out, (command, name)
+            assert field.description and field.description.split()[0] in out, (command, name)
+
+
+def test_r_is_a_real_field_that_fixes_both_ends_of_the_sweep():
+    p = CollectParams(r=0.4, lr=2e-3, batch_size=16)
+    assert p.r_bounds() == (0.4, 0.4) and p.r_grid() == [0.4]
+    assert p.lr_bounds() == (2e-3, 2e-3) and p.lr_grid() == [2e-3]
+    assert p.batch_bounds() == (16, 16) and p.grid_batch() == 16
+    assert CollectParams().r_bounds() == (0.3, 0.9)  # 0 leaves r to the sweep
+
+
+def test_submit_param_accepts_every_field_of_the_collect_model():
+    from flows.ops import parse_overrides, validate_params
+
+    assert validate_params(CollectParams, parse_overrides(["r=0.5"]))["r"] == 0.5
+    for name, field in CollectParams.model_fields.items():
+        value = field.get_default(call_default_factory=True)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        assert validate_params(CollectParams, parse_overrides([f"{name}={text}"]))[name] == value, name
+
+
+def test_submit_param_errors_name_the_field():
+    from flows.ops import OpsError, parse_overrides, validate_params
+
+    with pytest.raises(OpsError, match=r"parameter r 1.5: must be less than 1"):
+        validate_params(CollectParams, parse_overrides(["r=1.5"]))
+    with pytest.raises(OpsError, match="unknown parameter"):
+        validate_params(CollectParams, parse_overrides(["rr=0.5"]))
+
+
+def test_pipeline_is_the_collect_model_plus_its_own_fields():
+    assert set(CollectParams.model_fields) <= set(PipelineParams.model_fields)
+    assert PipelineParams(runs=3, r=0.5).collect_params() == CollectParams(runs=3, r=0.5)
+
+
+@pytest.mark.parametrize("r, factor, ok", [(0.5, 8, 3), (1 / 3, 9, 2), (1 / 3, 8, None), (0.5, 3, None), (0.5, 1.5, None)])
+def test_factors_must_be_powers_of_one_over_r(r, factor, ok):
+    from know_core.errors import BadInput
+    from know_core.predict import step_for_factor
+
+    if ok is None:
+        with pytest.raises(BadInput, match="is not a power of 1/r"):
+            step_for_factor(factor, r)
+        with pytest.raises(ValidationError, match="is not a power of 1/r"):
+            ExperimentParams(r=r, methods=f"naive,know:{factor:g}")
+    else:
+        assert step_for_factor(factor, r) == ok
+        assert ExperimentParams(r=r, methods=f"know:{factor:g}").step_of(factor) == ok
+
+
+def test_presets_fill_what_is_not_given_and_explicit_values_win():
+    quick = ExperimentParams(preset="quick")
+    assert (quick.source_dataset, quick.seeds, quick.out) == ("digits", 2, "results/quick")
+    assert ExperimentParams(preset="quick", seeds=4, out="x").model_dump(include={"seeds", "out"}) == {"seeds": 4, "out": "x"}
+    # what a deployment or `know submit` sends is a dict: the preset applies the same way
+    assert ExperimentParams.model_validate({"preset": "quick"}) == quick
+
+
+def test_describe_names_the_option_or_the_field():
+    with pytest.raises(ValidationError) as err:
+        CollectParams(stages=1)
+    assert describe(err.value) == "--stages 1: must be at least 2"
+    assert describe(err.value, cli=False) == "stages 1: must be at least 2"
+    with pytest.raises(ValidationError) as err:
+        CollectParams(r_min=0.8, r_max=0.5)
+    assert "r_min=0.8 is above r_max=0.5" in describe(err.value)
