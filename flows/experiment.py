@@ -109,9 +109,8 @@ def plan(p: ExperimentParams) -> ExperimentPlan:
         pretrain_batch_size=p.pretrain_batch_size, r=p.r, stages=p.window + 2, lr=p.traj_lr,
         batch_size=p.traj_batch_size, seed=0, device=p.device)
     full = target.model_copy(update={"limit": p.full_source_limit}) if p.full_source_limit else None
-    grid = [float(v) for v in p.naive_lr_grid.split(",") if v.strip()]
     return ExperimentPlan(store=store, collects=collects, target=target, full=full, known=str(out / "known"),
-                          methods=p.method_factors(), naive_lr_grid=grid, seeds=p.seeds)
+                          methods=p.method_factors(), naive_lr_grid=p.naive_lr_values(), seeds=p.seeds)
 
 
 @task(name="write-report")

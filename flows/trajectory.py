@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from prefect import flow
 
-from know_core.data import subset_sizes
-from know_core.errors import BadInput
 from params.collect import TrajectoryParams
 from storage.trajectory import TrajectoryStore
 from tasks.collect import PretrainSpec, collect_run, pretrain
@@ -33,11 +31,7 @@ def target_specs(p: TrajectoryParams) -> tuple[PretrainSpec, RunSpec]:
 def preflight(p: TrajectoryParams) -> RunSpec:
     """Checks that need the data (the batch must fit the smallest subset); the trajectory run."""
     _, run = target_specs(p)
-    n = len(run.load("train"))
-    smallest = subset_sizes(n, p.r, p.stages)[-1]
-    if p.batch_size > smallest:
-        raise BadInput(f"--batch-size {p.batch_size} is larger than the smallest subset ({smallest} of {n} images "
-                       f"at r={p.r:g}, {p.stages} stages); lower --batch-size, raise --r or use fewer --stages")
+    run.trajectory_config().validate(len(run.load("train")))  # BadInput, as collect_run would raise later
     return run
 
 

@@ -349,8 +349,6 @@ def parse_classes(text: str) -> list[int]:
     """'0-4' -> [0, 1, 2, 3, 4]; '5,7,9' -> [5, 7, 9]; '' -> [] (all classes).
 
     A malformed list raises BadInput saying what a valid one looks like."""
-    from .errors import BadInput
-
     out: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         lo, sep, hi = part.partition("-")

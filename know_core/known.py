@@ -327,6 +327,11 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
+def missing_official_files(directory) -> list[str]:
+    """The OFFICIAL_FILES names that `directory` lacks."""
+    return [name for name in OFFICIAL_FILES.values() if not os.path.isfile(os.path.join(directory, name))]
+
+
 def load_official(directory, scaling: str = "raw") -> KnownSet:
     """The authors' three pretrained models from `directory` (files OFFICIAL_FILES).
 
@@ -334,7 +339,7 @@ def load_official(directory, scaling: str = "raw") -> KnownSet:
     file names and their sha256, not the directory.
     """
     paths = {k: os.path.join(directory, name) for k, name in OFFICIAL_FILES.items()}
-    missing = [OFFICIAL_FILES[k] for k, p in paths.items() if not os.path.isfile(p)]
+    missing = missing_official_files(directory)
     if missing:
         raise MissingData(f"{directory}: missing {', '.join(missing)}; --official-dir must hold "
                                 f"the three h5 files {', '.join(OFFICIAL_FILES.values())}")

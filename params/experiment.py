@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from know_core.errors import BadInput
 from know_core.predict import step_for_factor
 
-from .common import DeviceField, check_learning_rates, check_models, check_one_model
+from .common import DeviceField, check_floats, check_learning_rates, check_models, check_one_model
 
 #: method names of the `methods` list; official rows need official_dir
 METHODS = ("naive", "naive-lr", "naive-full", "scratch", "know", "official", "taskvector", "logfit", "shrink",
@@ -156,6 +156,10 @@ class ExperimentParams(DeviceField):
                 raise ValueError("method naive-full needs full_source_limit (the half-data preset sets it)")
             out.append((name, factor))
         return out
+
+    def naive_lr_values(self) -> list[float]:
+        """The naive-lr candidates of naive_lr_grid."""
+        return check_floats(self.naive_lr_grid, "learning rates")
 
     def step_of(self, factor: float) -> int:
         """The prediction step of a method factor (0 for factor 1, Θ0 itself)."""

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from know_core.known import OFFICIAL_FILES
+from know_core.known import missing_official_files
 from know_core.predict import PREDICTORS
 
 from .common import StoreField
@@ -22,7 +22,7 @@ Predictor = Literal[PREDICTORS]  # type: ignore[valid-type]
 
 def check_official_dir(directory: str) -> None:
     """ValueError unless `directory` holds the authors' three KNOWN_*.h5 files."""
-    missing = [f for f in OFFICIAL_FILES.values() if not (Path(directory) / f).is_file()]
+    missing = missing_official_files(directory)
     if missing:
         raise ValueError(f"official_dir {directory} lacks {', '.join(missing)}; it must hold KNOWN_Conv.h5, "
                          "KNOWN_FC.h5 and KNOWN_Bias.h5 (the authors' release)")

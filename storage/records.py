@@ -24,6 +24,11 @@ from know_core.layout import TensorSpec, layout_from_json
 from know_core.models import ModelSpec
 
 
+def _parse_layout(v):
+    """The stored layout (JSON rows) as TensorSpecs; TensorSpecs pass as they are."""
+    return layout_from_json(v) if v and not isinstance(v[0], TensorSpec) else v
+
+
 class _Record(BaseModel):
     # extra keys written by older versions (or by hand) are kept, never lost on a rewrite
     model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
@@ -70,10 +75,7 @@ class RunRecord(RunInfo):
     train_seconds: float | None = None
     versions: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("layout", mode="before")
-    @classmethod
-    def _layout(cls, v):
-        return layout_from_json(v) if v and not isinstance(v[0], TensorSpec) else v
+    _layout = field_validator("layout", mode="before")(lambda v: _parse_layout(v))
 
     @property
     def is_complete(self) -> bool:
@@ -134,7 +136,7 @@ class CheckpointRecord(CheckpointInfo):
     created_at: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
 
-    _layout = field_validator("layout", mode="before")(RunRecord._layout.__func__)
+    _layout = field_validator("layout", mode="before")(lambda v: _parse_layout(v))
 
     @property
     def is_complete(self) -> bool:

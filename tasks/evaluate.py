@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from prefect import task
 from pydantic import BaseModel
@@ -24,9 +23,9 @@ from know_core.evaluate import FinetuneConfig, finetune
 from know_core.probe import linear_probe, recalibrate_bn
 from know_core.layout import PREDICTED_KINDS, unflatten_state
 from know_core.models import ModelSpec, build_from_spec, build_seeded
-from params.predict import KnownSource
 from know_core.predict import shrink_control
 from know_core.train import pick_device
+from params.predict import KnownSource
 from storage.results import save_text
 from storage.trajectory import TrajectoryStore, config_hash
 
