@@ -119,7 +119,7 @@ def real_trajectory(work: Path) -> np.ndarray:
     store = TrajectoryStore(work / "real.zarr")
     store.prepare()
     spec = RunSpec(model="resnet", width=24, dataset="digits", stages=5, r=0.5, lr=1e-3, batch_size=32, seed=0,
-                   epochs_per_stage=1, mode="sequential")
+                   epochs_per_stage=1, mode="sequential", optimizer="carry")
     t0 = time.perf_counter()
     run_id = collect_run.fn(str(work / "real.zarr"), spec, "cpu")
     rows = store.read_stages(run_id)

@@ -29,7 +29,7 @@ def plan_sweep(p: CollectParams) -> list[RunSpec]:
     Raises BadInput before anything is written when the data cannot give the sweep (e.g. a
     batch that does not fit the smallest subset)."""
     base = dict(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit, stages=p.stages,
-                epochs_per_stage=p.epochs_per_stage, mode=p.mode, width=p.width)
+                epochs_per_stage=p.epochs_per_stage, mode=p.mode, optimizer=p.optimizer, width=p.width)
     n = len(DataSpec(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit).load("train"))
     specs: list[RunSpec] = []
     if p.sweep == "grid":

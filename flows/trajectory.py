@@ -23,7 +23,7 @@ def target_specs(p: TrajectoryParams) -> tuple[PretrainSpec, RunSpec]:
     pre = PretrainSpec(model=p.model, width=p.width, epochs=p.pretrain_epochs, lr=p.pretrain_lr,
                        batch_size=p.pretrain_batch_size, seed=p.seed, augment=p.augment, **data)
     run = RunSpec(model=p.model, width=p.width, r=p.r, stages=p.stages, lr=p.lr, batch_size=p.batch_size,
-                  epochs_per_stage=p.epochs_per_stage, seed=p.seed, mode="sequential", augment=p.augment,
+                  epochs_per_stage=p.epochs_per_stage, seed=p.seed, mode="sequential", optimizer=p.optimizer, augment=p.augment,
                   start=pre.checkpoint_id, **data)
     return pre, run
 

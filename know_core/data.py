@@ -7,7 +7,7 @@ one-line error saying how to install it.
 Example:
     >>> ds = load_dataset("digits")
     >>> ds.x.shape, ds.num_classes
-    (torch.Size([1797, 1, 8, 8]), 10)
+    (torch.Size([1348, 1, 8, 8]), 10)
     >>> subsets = nested_subsets(len(ds), r=0.5, stages=4, seed=0)
     >>> [len(s) for s in subsets]
     [1797, 898, 449, 225]
@@ -305,8 +305,12 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
 # -- nested subsets ---------------------------------------------------------------------
 
 def subset_sizes(n: int, r: float, stages: int) -> list[int]:
-    """|D_k| = round(n * r**k) for k = 0..stages-1 (stage 0 is the full data)."""
-    return [int(round(n * r**k)) for k in range(stages)]
+    """|D_k| = int(n * r**k) for k = 0..stages-1 (stage 0 is the full data), as the release.
+
+        >>> subset_sizes(1000, 0.3, 3)
+        [1000, 300, 90]
+    """
+    return [int(n * r**k) for k in range(stages)]
 
 
 def nested_subsets(n: int, r: float, stages: int, seed: int) -> list[np.ndarray]:

@@ -47,14 +47,18 @@ def pick_device(device: str | torch.device | None = "auto", model: nn.Module | N
     return torch.device(device)
 
 
-def batch_slices(n: int, batch_size: int, merge_single: bool = False) -> list[tuple[int, int]]:
+def batch_slices(n: int, batch_size: int, merge_single: bool = False, drop_last: bool = False) -> list[tuple[int, int]]:
     """(start, stop) pairs covering range(n) in steps of `batch_size`.
 
     With `merge_single` a trailing batch of a single sample is folded into the previous
-    batch: BatchNorm cannot take a batch of one in train mode.
+    batch: BatchNorm cannot take a batch of one in train mode.  With `drop_last` a trailing
+    partial batch is left out (the release's ``steps_per_epoch = length // batch``); with
+    n < batch_size that leaves nothing.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if drop_last:
+        return [(i * batch_size, (i + 1) * batch_size) for i in range(n // batch_size)]
     edges = list(range(0, n, batch_size)) + [n]
     slices = [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
     if merge_single and len(slices) > 1 and slices[-1][1] - slices[-1][0] == 1:
@@ -85,6 +89,7 @@ class TrainConfig:
     seed: int = 0  # data order and augmentation
     augment: bool = False  # release augmentation; off by default (costly on 2 CPU cores)
     device: str = "auto"
+    drop_last: bool = False  # leave out a trailing partial batch (the release's forgetting stages do)
 
 
 def run_epoch(
@@ -97,18 +102,19 @@ def run_epoch(
     device: torch.device,
     aug_gen: torch.Generator | None = None,
     merge_single: bool = False,
+    drop_last: bool = False,
 ) -> float:
     """One epoch of `opt` on cross-entropy in train mode; returns the mean training loss.
 
     The order is ``torch.randperm(len(y), generator=gen)``, cut by
-    :func:`batch_slices` (`merge_single`); each batch is moved to `device` and, with
+    :func:`batch_slices` (`merge_single`, `drop_last`); each batch is moved to `device` and, with
     `aug_gen`, augmented by :func:`augment_batch`.  The model must already be on `device`.
     """
     model.train()
     n = len(y)
     perm = torch.randperm(n, generator=gen)
-    total = 0.0
-    for start, stop in batch_slices(n, batch_size, merge_single):
+    total, seen = 0.0, 0
+    for start, stop in batch_slices(n, batch_size, merge_single, drop_last):
         idx = perm[start:stop]
         xb = x[idx].to(device, non_blocking=True)
         yb = y[idx].to(device, non_blocking=True)
@@ -119,7 +125,8 @@ def run_epoch(
         loss.backward()
         opt.step()
         total += loss.item() * (stop - start)
-    return total / max(n, 1)
+        seen += stop - start
+    return total / max(seen, 1)
 
 
 def train_epochs(
@@ -141,10 +148,71 @@ def train_epochs(
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
     mean_loss = float("nan")
     for epoch in range(cfg.epochs):
-        mean_loss = run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen)
+        mean_loss = run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen,
+                              drop_last=cfg.drop_last)
         if on_epoch:
             on_epoch(epoch, mean_loss)
     return mean_loss
+
+
+#: optimizer regimes of a trajectory (method §2): whether Adam's state flows across stages
+OPTIMIZER_REGIMES = ("carry", "fresh")
+
+
+@dataclass
+class AdamState:
+    """Adam's moments for every parameter of a model, flattened in ``model.parameters()`` order.
+
+    What a pre-training hands to the trajectory that continues from it under the `carry`
+    regime (the release compiles the model once, so one Adam lives through pre-training and
+    every stage).  Plain arrays, so storage can keep them next to the checkpoint's weights.
+
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> model(torch.ones(1, 3)).sum().backward(); opt.step()
+        >>> state = AdamState.of(opt, model)
+        >>> state.exp_avg.shape, state.step
+        ((8,), 1.0)
+        >>> opt2 = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> state.load_into(opt2, model)
+        >>> torch.equal(opt2.state[model.weight]["exp_avg_sq"], opt.state[model.weight]["exp_avg_sq"])
+        True
+    """
+
+    exp_avg: np.ndarray  # (P,) float32, P = number of parameter scalars
+    exp_avg_sq: np.ndarray
+    step: float
+
+    @classmethod
+    def of(cls, opt: torch.optim.Optimizer, model: nn.Module) -> "AdamState":
+        avg, sq, steps = [], [], set()
+        for p in model.parameters():
+            st = opt.state.get(p)
+            if not st:  # a parameter Adam never stepped (no gradient yet): zero moments
+                avg.append(torch.zeros(p.numel()))
+                sq.append(torch.zeros(p.numel()))
+                continue
+            avg.append(st["exp_avg"].detach().reshape(-1).float().cpu())
+            sq.append(st["exp_avg_sq"].detach().reshape(-1).float().cpu())
+            steps.add(float(st["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"Adam state with different step counts per parameter: {sorted(steps)}")
+        return cls(torch.cat(avg).numpy(), torch.cat(sq).numpy(), steps.pop() if steps else 0.0)
+
+    def load_into(self, opt: torch.optim.Optimizer, model: nn.Module) -> None:
+        """Put these moments into `opt` (an Adam over `model`'s parameters, on their device)."""
+        n = sum(p.numel() for p in model.parameters())
+        if self.exp_avg.shape != (n,) or self.exp_avg_sq.shape != (n,):
+            raise ValueError(f"Adam state holds {self.exp_avg.shape[0]} scalars, the model has {n} parameters")
+        at = 0
+        for p in model.parameters():
+            k = p.numel()
+            opt.state[p] = {
+                "step": torch.tensor(self.step, dtype=torch.float32),
+                "exp_avg": torch.from_numpy(self.exp_avg[at : at + k].copy()).reshape(p.shape).to(p),
+                "exp_avg_sq": torch.from_numpy(self.exp_avg_sq[at : at + k].copy()).reshape(p.shape).to(p),
+            }
+            at += k
 
 
 @torch.no_grad()
@@ -190,6 +258,7 @@ class TrajectoryConfig:
     mode: str = "sequential"  # or "independent"
     augment: bool = False
     device: str = "auto"
+    optimizer: str = "carry"  # carry: one Adam through every stage (release) | fresh: a new Adam per stage
 
     def validate(self, n_data: int) -> None:
         """Raise a one-line ValueError for a config that cannot produce a trajectory."""
@@ -199,6 +268,8 @@ class TrajectoryConfig:
             raise BadInput(f"stages={self.stages} is too few; a trajectory needs at least 2 stages")
         if self.mode not in ("sequential", "independent"):
             raise BadInput(f"mode {self.mode!r} is unknown; use 'sequential' or 'independent'")
+        if self.optimizer not in OPTIMIZER_REGIMES:
+            raise BadInput(f"optimizer regime {self.optimizer!r} is unknown; use 'carry' or 'fresh'")
         if self.lr <= 0:
             raise BadInput(f"lr={self.lr} must be positive")
         smallest = subset_sizes(n_data, self.r, self.stages)[-1]
@@ -215,26 +286,43 @@ def iter_trajectory(
     cfg: TrajectoryConfig,
     start_trained: bool = False,
     on_progress: Callable[[int, float], None] | None = None,
+    optimizer_state: AdamState | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (stage, flat float32 weights) for stages 0..S-1, one at a time.
 
     `model` holds the start weights. In sequential mode with `start_trained=True` it is Θ0
     itself (a pre-trained model); otherwise stage 0 trains it on the full data first.
     In independent mode every stage trains a fresh copy of the start weights on Dk.
+
+    Each stage is `cfg.epochs_per_stage` epochs of Adam(`cfg.lr`) over |Dk| = int(N·r^k)
+    images, the last partial batch left out (as the release).  The optimizer regime:
+        carry  sequential: one Adam for the whole trajectory, starting from `optimizer_state`
+               (the pre-training's moments) when given, its lr set to `cfg.lr`.
+               Independent: each stage is its own run from the start weights with a new Adam
+               (the release rebuilds and recompiles the model per stage), so it is the same
+               computation as `fresh`; the regime is still recorded.
+        fresh  a new Adam at every stage (zero moments), in both modes.
     """
     cfg.validate(len(data))
     layout = param_layout(model)
     subsets = nested_subsets(len(data), cfg.r, cfg.stages, cfg.seed)
     init_state = copy.deepcopy(model.state_dict())
+    carried = None
+    if cfg.optimizer == "carry" and cfg.mode == "sequential":
+        model.to(pick_device(cfg.device))
+        carried = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        if optimizer_state is not None:
+            optimizer_state.load_into(carried, model)
     for k, idx in enumerate(subsets):
-        tcfg = TrainConfig(cfg.lr, cfg.batch_size, cfg.epochs_per_stage, cfg.seed * 1000 + k, cfg.augment, cfg.device)
+        tcfg = TrainConfig(cfg.lr, cfg.batch_size, cfg.epochs_per_stage, cfg.seed * 1000 + k, cfg.augment, cfg.device,
+                           drop_last=True)
         if cfg.mode == "independent":
             model.load_state_dict(init_state)
             loss = train_epochs(model, data.take(idx), tcfg)
         elif k == 0 and start_trained:
             loss = float("nan")
         else:
-            loss = train_epochs(model, data.take(idx), tcfg)
+            loss = train_epochs(model, data.take(idx), tcfg, optimizer=carried)
         if on_progress:
             on_progress(k, loss)
         yield k, flatten_state(model.state_dict(), layout)

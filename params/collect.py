@@ -12,13 +12,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import (DataFields, DeviceField, RunnerFields, StoreField, check_floats, check_learning_rates,
-                     check_models, check_one_model)
+from .common import (DataFields, DeviceField, OptimizerField, RunnerFields, StoreField, check_floats,
+                     check_learning_rates, check_models, check_one_model)
 
 Mode = Literal["independent", "sequential"]
 
 
-class CollectParams(RunnerFields, DataFields, StoreField):
+class CollectParams(OptimizerField, RunnerFields, DataFields, StoreField):
     """Meta-data collection: a sweep of forgetting trajectories of small models (method §3)."""
 
     models: str = Field("simple-cnn", description="Comma-separated model names: simple-cnn, mlp, resnet, resnet18")
@@ -91,7 +91,7 @@ class CollectParams(RunnerFields, DataFields, StoreField):
         return self.batch_size or self.batch_min
 
 
-class TrajectoryParams(DeviceField, DataFields, StoreField):
+class TrajectoryParams(OptimizerField, DeviceField, DataFields, StoreField):
     """The target model: pre-train Θ0 on the source data, then record its sequential
     forgetting trajectory (method §2)."""
 

@@ -66,6 +66,15 @@ class StoreField(StageModel):
         return v
 
 
+OptimizerRegime = Literal["carry", "fresh"]
+
+
+class OptimizerField(StageModel):
+    optimizer: OptimizerRegime = Field(
+        "carry", description="Adam across a trajectory's stages: carry = one optimizer whose state flows from "
+        "pre-training through every sequential stage (the release) | fresh = a new Adam per stage")
+
+
 class DataFields(StageModel):
     dataset: str = Field("digits", description="Data set: " + " | ".join(DATASETS))
     data_dir: str = Field("", description="Directory of the data set files; empty = its default location")

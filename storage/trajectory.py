@@ -38,6 +38,7 @@ from zarr.storage._local import _atomic_write  # zarr is pinned to 3.1.x (pyproj
 
 from know_core.errors import StoreState
 from know_core.layout import TensorSpec, layout_from_json, layout_size, layout_to_json
+from know_core.train import AdamState
 
 from .records import CheckpointInfo, CheckpointRecord, PredictionInfo, PredictionRecord, RunInfo, RunRecord
 
@@ -308,15 +309,34 @@ class TrajectoryStore:
         return None if attrs is None else CheckpointRecord.model_validate({"ckpt_id": ckpt_id, "status": "", **attrs})
 
     def save_checkpoint(self, ckpt_id: str, vector: np.ndarray, layout: list[TensorSpec],
-                        info: CheckpointInfo | dict[str, Any]) -> None:
+                        info: CheckpointInfo | dict[str, Any], optimizer: AdamState | None = None) -> None:
+        """Write a checkpoint's weights (and, given, the Adam moments that produced them; the
+        `carry` regime continues from them). It is marked complete only after every array."""
         attrs = (info if isinstance(info, CheckpointInfo) else CheckpointInfo.model_validate(info)).attrs()
         self.root.require_group(CHECKPOINTS)
         self._delete(f"{CHECKPOINTS}/{ckpt_id}")
         g = self.root.create_group(f"{CHECKPOINTS}/{ckpt_id}")
         arr = self._array(f"{CHECKPOINTS}/{ckpt_id}/weights", (1, layout_size(layout)), {})
         self._write_row(arr, 0, vector)
-        g.update_attributes({**attrs, "layout": json.loads(layout_to_json(layout)), "created_at": _now(),
-                        "versions": versions(), "status": "complete"})
+        extra: dict[str, Any] = {}
+        if optimizer is not None:
+            opt = self._array(f"{CHECKPOINTS}/{ckpt_id}/adam", (2, optimizer.exp_avg.shape[0]), {})
+            self._write_row(opt, 0, optimizer.exp_avg)
+            self._write_row(opt, 1, optimizer.exp_avg_sq)
+            extra["adam_step"] = optimizer.step
+        g.update_attributes({**attrs, **extra, "layout": json.loads(layout_to_json(layout)), "created_at": _now(),
+                             "versions": versions(), "status": "complete"})
+
+    def load_optimizer_state(self, ckpt_id: str) -> AdamState | None:
+        """The Adam moments saved with a complete checkpoint, or None (none were saved)."""
+        attrs = self.checkpoint_attrs(ckpt_id)
+        if attrs is None or attrs.get("status") != "complete":
+            raise StoreError(f"checkpoint {ckpt_id!r} not found in store {self.url}")
+        path = f"{CHECKPOINTS}/{ckpt_id}/adam"
+        if "adam_step" not in attrs or "adam" not in self.root[f"{CHECKPOINTS}/{ckpt_id}"]:
+            return None
+        arr = np.asarray(self.root[path][:, :])
+        return AdamState(arr[0].copy(), arr[1].copy(), float(attrs["adam_step"]))
 
     def load_checkpoint(self, ckpt_id: str) -> tuple[np.ndarray, list[TensorSpec], dict[str, Any]]:
         attrs = self.checkpoint_attrs(ckpt_id)

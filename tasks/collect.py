@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from prefect import task
 
 from know_core.data import subset_sizes
 from know_core.layout import flatten_state, param_layout, unflatten_state
 from know_core.models import ModelSpec, build_seeded
-from know_core.errors import NonFinite
-from know_core.train import TrainConfig, accuracy, iter_trajectory, pick_device, train_epochs
+from know_core.errors import NonFinite, StoreState
+from know_core.train import AdamState, TrainConfig, accuracy, iter_trajectory, pick_device, train_epochs
 from storage.records import CheckpointInfo
 from storage.trajectory import TrajectoryStore, config_hash
 
@@ -44,15 +45,21 @@ def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: in
     cfg = spec.trajectory_config(device)
     cfg.validate(len(data))  # bad input fails here, before anything is written
     model = spec.build_model(data)
+    adam = None
     if spec.start:
         vec, layout0, _ = store.load_checkpoint(spec.start)
         model.load_state_dict(unflatten_state(vec, layout0))
+        if spec.optimizer == "carry" and spec.mode == "sequential":
+            adam = store.load_optimizer_state(spec.start)
+            if adam is None:
+                raise StoreState(f"checkpoint {spec.start} has no Adam state to carry (it predates the carry regime); "
+                                 "re-run its pre-training (`know trajectory` does) or use --optimizer fresh")
     layout = param_layout(model)
     sizes = subset_sizes(len(data), cfg.r, cfg.stages)
     store.begin_run(run_id, spec.run_info(data, sizes), layout, cfg.stages)
     t0 = time.perf_counter()
     try:
-        stages = iter_trajectory(model, data, cfg, start_trained=bool(spec.start))
+        stages = iter_trajectory(model, data, cfg, start_trained=bool(spec.start), optimizer_state=adam)
         for k, vec in stages:
             if not np.isfinite(vec).all():
                 raise NonFinite(f"run {run_id}: stage {k} produced non-finite weights (lr={spec.lr} too high?)")
@@ -92,19 +99,24 @@ def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto", threads: 
     ckpt = spec.checkpoint_id
     record = store.checkpoint(ckpt)
     if record is not None and record.is_complete:
-        log.info("checkpoint %s already complete: skipped", ckpt)
-        return ckpt
+        if store.load_optimizer_state(ckpt) is not None:
+            log.info("checkpoint %s already complete: skipped", ckpt)
+            return ckpt
+        log.info("checkpoint %s has no Adam state (written before the carry regime): pre-training it again", ckpt)
     data = spec.load("train")
     mspec = ModelSpec(spec.model, data.in_channels, data.num_classes, data.image_size, spec.width or None)
     model = build_seeded(mspec, spec.seed)
     tcfg = TrainConfig(spec.lr, spec.batch_size, spec.epochs, spec.seed, spec.augment, device)
     t0 = time.perf_counter()
-    train_epochs(model, data, tcfg, on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d loss %.4f", e + 1, spec.epochs, loss))
+    model.to(pick_device(device))
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)  # kept: a `carry` trajectory continues with it
+    train_epochs(model, data, tcfg, optimizer=opt,
+                 on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d loss %.4f", e + 1, spec.epochs, loss))
     test_acc = accuracy(model, spec.load("test"), device=device)
     layout = param_layout(model)
     store.save_checkpoint(ckpt, flatten_state(model.state_dict(), layout), layout, CheckpointInfo(
         spec=spec.model_dump(), model_spec=mspec.__dict__, test_acc=test_acc,
         train_seconds=round(time.perf_counter() - t0, 3), device=str(pick_device(device)),
-    ))
+    ), optimizer=AdamState.of(opt, model))
     log.info("checkpoint %s saved: source test accuracy %.4f", ckpt, test_acc)
     return ckpt

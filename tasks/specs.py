@@ -41,6 +41,7 @@ class RunSpec(DataSpec):
     epochs_per_stage: int
     seed: int
     mode: str
+    optimizer: str  # carry | fresh (know_core.train.iter_trajectory)
     augment: bool = False
     start: str = ""  # checkpoint id to start from; empty = seeded random init
 
@@ -52,7 +53,7 @@ class RunSpec(DataSpec):
         return TrajectoryConfig(
             r=self.r, stages=self.stages, lr=self.lr, batch_size=self.batch_size,
             epochs_per_stage=self.epochs_per_stage, seed=self.seed, mode=self.mode,
-            augment=self.augment, device=device,
+            augment=self.augment, device=device, optimizer=self.optimizer,
         )
 
     def model_spec(self, data: ImageData) -> ModelSpec:
@@ -68,5 +69,5 @@ class RunSpec(DataSpec):
             mode=self.mode, model=self.model, dataset=data.name, sampling_rate=self.r, lr=self.lr,
             batch_size=self.batch_size, epochs_per_stage=self.epochs_per_stage, seed=self.seed,
             stage_subset_sizes=sizes, model_spec=self.model_spec(data).__dict__, spec=self.model_dump(),
-            start=self.start,
+            start=self.start, optimizer=self.optimizer,
         )

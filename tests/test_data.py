@@ -1,6 +1,7 @@
 """know_core.data: nested subsets, on-disk readers, named data sets (real files, no mocks)."""
 from __future__ import annotations
 
+import math
 import gzip
 import pickle
 
@@ -25,15 +26,16 @@ from know_core.data import (
 
 
 @pytest.mark.parametrize("n, r, stages", [(1797, 0.5, 5), (1348, 0.3, 4), (1000, 0.9, 7), (64, 0.5, 6)])
-def test_subset_sizes_are_rounded_powers(n, r, stages):
+def test_subset_sizes_are_truncated_powers(n, r, stages):
+    """As the release: |Dk| = int(N·r^k), truncated, not rounded."""
     sizes = subset_sizes(n, r, stages)
-    assert sizes == [int(round(n * r**k)) for k in range(stages)]
+    assert sizes == [math.floor(n * r**k) for k in range(stages)]
     assert sizes[0] == n
     assert all(a > b for a, b in zip(sizes, sizes[1:]))  # strictly decreasing for these configs
 
 
 def test_subset_sizes_known_values():
-    assert subset_sizes(1797, 0.5, 4) == [1797, 898, 449, 225]
+    assert subset_sizes(1797, 0.5, 4) == [1797, 898, 449, 224]  # 224.625 is truncated (round gave 225)
     assert subset_sizes(100, 0.3, 3) == [100, 30, 9]
 
 
