@@ -13,17 +13,34 @@ What lives here:
     final_accuracy            test_acc at the last epoch of every (method, factor, seed)
     summarize                 one row per (method, factor): mean/std over seeds, paired
                               differences against the controls, wins, bootstrap CIs
+    own_shrink                the shrink control that belongs to a method ("shrink" for know,
+                              "shrink-<p>" for any other predictor p, None for controls and
+                              tuned "-lr" rows)
     paired_bootstrap_ci       percentile bootstrap CI of a mean paired difference
     KEYS, SEED_KEYS, CONTROLS, METHOD_ORDER, method_rank, sort_keys, check_columns
                               the tables' vocabulary, shared with verdict and plots
 
+Method names.  Controls: ``naive``, ``naive-lr`` (naive with lr2 tuned on a validation
+split), ``naive-full``, ``scratch`` and every ``shrink*`` row.  Predictors: ``know`` (ours),
+``official`` (the authors' KNOWN), ``taskvector``, ``logfit``, the S-ablations ``know-s<k>``
+and any other name.  Tuned KNOW rows: ``know-lr``, ``official-lr`` (the best start of that
+source, fine-tuned with an lr chosen by the naive-lr rule).  Each predictor p has its own
+shrink control, Θ0 scaled per tensor towards p's prediction: ``shrink`` for ``know``,
+``shrink-official`` for ``official``, ``shrink-<p>`` otherwise (``shrink-taskvector``,
+``shrink-know-s2``, ...).
+
 Controls and pairing.  A method is compared with a control only on the seeds both have (a
 paired difference per seed; unpaired seeds are ignored).  ``naive`` and ``naive-lr`` are
-taken at factor 1 and compared with every row; ``shrink`` at factor f is compared with the
-rows at factor f only (NaN where there is no shrink row at f).  A control is not compared
-with itself (NaN).  Differences are reported in accuracy units (0..1); stds are sample stds
-(ddof=1, NaN for a single seed); ``wins`` counts paired seeds where the method is strictly
-better (NaN with no pair).
+taken at factor 1 and compared with every row.  The ``shrink`` entry of :data:`CONTROLS`
+means "the row's OWN shrink control" (:func:`own_shrink`, also written to the summary as
+``shrink_control``), taken at the same factor as the row: ``official`` x8 is compared with
+``shrink-official`` x8, never with ``shrink`` (know's control).  The ``ft_vs_shrink_*`` /
+``probe_vs_shrink_*`` columns keep that name for every predictor; they are NaN (``_n`` = 0)
+when the own control has no row at that factor, and for rows that have no own control at all
+(controls, and the tuned ``-lr`` rows: their shrink control would be an untuned start, so the
+comparison would not be fair).  A control is not compared with itself (NaN).  Differences
+are reported in accuracy units (0..1); stds are sample stds (ddof=1, NaN for a single seed);
+``wins`` counts paired seeds where the method is strictly better (NaN with no pair).
 
 Example (runs as a doctest)::
 
@@ -31,7 +48,8 @@ Example (runs as a doctest)::
     >>> rows = []
     >>> for seed in range(5):
     ...     for method, factor, acc in [("naive", 1, 0.900), ("naive-lr", 1, 0.902),
-    ...                                 ("shrink", 2, 0.905), ("know", 2, 0.910)]:
+    ...                                 ("shrink", 2, 0.905), ("know", 2, 0.910),
+    ...                                 ("shrink-official", 2, 0.915), ("official", 2, 0.912)]:
     ...         for epoch in (1, 2, 3):
     ...             rows.append(dict(method=method, factor=float(factor), seed=seed,
     ...                              epoch=epoch, phase=1 if epoch == 1 else 2,
@@ -39,15 +57,23 @@ Example (runs as a doctest)::
     ...                              test_loss=0.3, train_loss=0.2, wall_s=1.0))
     >>> results = pd.DataFrame(rows)
     >>> summary = summarize(results)
-    >>> print(summary[["method", "factor", "n_seeds", "ft_mean"]].round(4).to_string(index=False))
-      method  factor  n_seeds  ft_mean
-       naive     1.0        5    0.902
-    naive-lr     1.0        5    0.904
-      shrink     2.0        5    0.907
-        know     2.0        5    0.912
+    >>> cols = ["method", "factor", "n_seeds", "ft_mean", "shrink_control", "ft_vs_shrink_mean"]
+    >>> print(summary[cols].round(4).to_string(index=False))
+             method  factor  n_seeds  ft_mean  shrink_control  ft_vs_shrink_mean
+              naive     1.0        5    0.902                                NaN
+           naive-lr     1.0        5    0.904                                NaN
+               know     2.0        5    0.912          shrink              0.005
+             shrink     2.0        5    0.907                                NaN
+           official     2.0        5    0.914 shrink-official             -0.003
+    shrink-official     2.0        5    0.917                                NaN
     >>> know = summary[summary.method == "know"].iloc[0]
     >>> round(float(know.ft_vs_naive_mean), 4), int(know.ft_vs_naive_wins), int(know.ft_vs_shrink_n)
     (0.01, 5, 5)
+    >>> official = summary[summary.method == "official"].iloc[0]   # vs ITS shrink, not know's
+    >>> official.shrink_control, round(float(official.ft_vs_shrink_mean), 4)
+    ('shrink-official', -0.003)
+    >>> own_shrink("know"), own_shrink("official"), own_shrink("know-s2"), own_shrink("know-lr")
+    ('shrink', 'shrink-official', 'shrink-know-s2', None)
 """
 from __future__ import annotations
 
@@ -61,23 +87,65 @@ import pandas as pd
 KEYS = ["method", "factor"]
 SEED_KEYS = ["method", "factor", "seed"]
 
-#: controls and the factor their rows are taken at (None: the same factor as the method)
+#: controls and the factor their rows are taken at (None: the same factor as the method).
+#: "shrink" stands for each row's OWN shrink control (:func:`own_shrink`), not for the
+#: method literally called "shrink"; the other names are fixed control methods.
 CONTROLS: dict[str, float | None] = {"naive": 1.0, "naive-lr": 1.0, "shrink": None}
 
-#: display/sort order; unknown methods come after these, alphabetically
+#: the key of :data:`CONTROLS` that is resolved per row by :func:`own_shrink`
+OWN_SHRINK = "shrink"
+
+#: control methods (besides every name starting with "shrink"): they have no shrink control
+CONTROL_METHODS = frozenset({"naive", "naive-lr", "naive-full", "scratch"})
+
+#: display/sort order, each predictor next to its own shrink control; unknown methods come
+#: after these, alphabetically
 METHOD_ORDER = (
     "scratch",
     "naive",
     "naive-lr",
     "naive-full",
-    "shrink",
     "taskvector",
+    "shrink-taskvector",
     "logfit",
+    "shrink-logfit",
     "know-s2",
+    "shrink-know-s2",
     "know-s3",
+    "shrink-know-s3",
+    "know-s4",
+    "shrink-know-s4",
     "know",
-    "know-official",
+    "shrink",
+    "know-lr",
+    "official",
+    "shrink-official",
+    "official-lr",
 )
+
+
+def own_shrink(method: str) -> str | None:
+    """The shrink control that belongs to ``method`` (Θ0 scaled per tensor towards that
+    predictor's prediction, method.md §6), or None when it has none.
+
+    ``know`` -> ``shrink``; ``official`` -> ``shrink-official``; any other predictor p
+    (taskvector, logfit, know-s<k>, unknown names) -> ``shrink-<p>``.  Controls (naive,
+    naive-lr, naive-full, scratch, anything starting with "shrink") have none, and neither do
+    tuned rows ending in "-lr" (know-lr, official-lr): their shrink control would be an
+    untuned start, so comparing a tuned row with it would not be fair.
+
+    >>> [own_shrink(m) for m in ("know", "official", "taskvector", "know-s3", "my-predictor")]
+    ['shrink', 'shrink-official', 'shrink-taskvector', 'shrink-know-s3', 'shrink-my-predictor']
+    >>> [own_shrink(m) for m in ("naive", "naive-lr", "naive-full", "scratch", "shrink",
+    ...                          "shrink-official", "know-lr", "official-lr")]
+    [None, None, None, None, None, None, None, None]
+    """
+    method = str(method)
+    if method in CONTROL_METHODS or method.startswith("shrink") or method.endswith("-lr"):
+        return None
+    if method == "know":
+        return "shrink"
+    return f"shrink-{method}"
 
 
 def method_rank(method: str) -> int:
@@ -183,18 +251,26 @@ def _paired_stats(
     n_resamples: int,
     ci_seed: int,
 ) -> pd.DataFrame:
-    """Per (method, factor): paired diffs method - control over the seeds both have."""
+    """Per (method, factor): paired diffs method - control over the seeds both have.
+
+    ``control`` == :data:`OWN_SHRINK` pairs each row with its own shrink control
+    (:func:`own_shrink`); any other name is one fixed control method.  ``control_factor``
+    None takes the control at the row's factor, else at that factor.
+    """
     name = f"{prefix}_vs_{control}"
-    ctrl = per_seed[per_seed["method"] == control]
+    if control == OWN_SHRINK:
+        control_of = {m: own_shrink(m) for m in per_seed["method"].unique()}
+    else:  # a control is not compared with itself
+        control_of = {m: (None if m == control else control) for m in per_seed["method"].unique()}
+    rows = per_seed.assign(_cname=per_seed["method"].map(control_of))
+    rows = rows[rows["_cname"].notna()]
+    ctrl = per_seed.rename(columns={"method": "_cname", value: "_ctrl"})
     if control_factor is not None:
         ctrl = ctrl[np.isclose(ctrl["factor"], control_factor)]
-        on = ["seed"]
-        ctrl = ctrl[["seed", value]]
+        on = ["_cname", "seed"]
     else:
-        on = ["factor", "seed"]
-        ctrl = ctrl[["factor", "seed", value]]
-    ctrl = ctrl.rename(columns={value: "_ctrl"})
-    rows = per_seed[per_seed["method"] != control]  # a control is not compared with itself
+        on = ["_cname", "factor", "seed"]
+    ctrl = ctrl[on + ["_ctrl"]]
     merged = rows.merge(ctrl, on=on, how="inner")
     merged["_diff"] = merged[value] - merged["_ctrl"]
     merged = merged[np.isfinite(merged["_diff"])]
@@ -232,7 +308,7 @@ def summarize(
     """One row per (method, factor) found in ``results`` or ``probe``.
 
     Columns, in order:
-        method, factor, n_seeds, ft_mean, ft_std,
+        method, factor, n_seeds, ft_mean, ft_std, shrink_control,
         for c in controls: ft_vs_<c>_n, _mean, _std, _wins[, _ci_lo, _ci_hi],
         probe_n_seeds, probe_mean, probe_std,
         for c in controls: probe_vs_<c>_n, _mean, _std, _wins
@@ -242,6 +318,13 @@ def summarize(
     missing, and then mean/std/wins are NaN).  ``ci`` adds percentile-bootstrap CIs of the
     fine-tune differences (needs >= 3 paired seeds, else NaN); ``ci=None`` skips them.
     Without ``probe`` the probe columns are present and NaN, so the schema never changes.
+
+    ``controls`` maps a control to the factor its rows are taken at (None: the row's own
+    factor); the key ``"shrink"`` means each row's own shrink control (:func:`own_shrink`) at
+    the row's factor, so ``ft_vs_shrink_*`` of ``official`` is official - shrink-official.
+    ``shrink_control`` names that control (whether or not it has a row at that factor; ""
+    for rows that have none: controls and tuned ``-lr`` rows).  Note that a CSV round trip
+    reads "" back as NaN.
     """
     controls = dict(CONTROLS if controls is None else controls)
     ft = final_accuracy(results).rename(columns={"acc": "ft"})
@@ -262,11 +345,16 @@ def summarize(
 
     keys = pd.concat([ft[KEYS], pr[KEYS]]).drop_duplicates()
     out = keys.set_index(KEYS)
-    for part in parts:
+    for i, part in enumerate(parts):
         out = out.join(part, how="left")
+        if i == 0:  # after n_seeds, ft_mean, ft_std
+            methods = out.index.get_level_values("method")
+            out["shrink_control"] = [own_shrink(m) or "" for m in methods]
     out = out.reset_index()
     for col in out.columns:
-        if col == "n_seeds" or col == "probe_n_seeds" or col.endswith("_n"):
+        if col == "shrink_control":
+            out[col] = out[col].astype(str)
+        elif col == "n_seeds" or col == "probe_n_seeds" or col.endswith("_n"):
             out[col] = out[col].fillna(0).astype(int)
         elif col not in KEYS:
             out[col] = out[col].astype(float)
@@ -277,7 +365,10 @@ __all__ = [
     "KEYS",
     "SEED_KEYS",
     "CONTROLS",
+    "OWN_SHRINK",
+    "CONTROL_METHODS",
     "METHOD_ORDER",
+    "own_shrink",
     "method_rank",
     "sort_keys",
     "check_columns",
