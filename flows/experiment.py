@@ -6,7 +6,8 @@ Stages, each reused on re-run (the store and the output folder are the cache):
     3 meta-train      KNOWN on the meta trajectories (the target run is excluded)
     4 predict         KNOW (ours / official), taskvector, logfit, S ablation, x2/x4/x8
     5 diagnostics     each predictor's L1 on the target's own held-out windows
-    6 naive-lr        choose naive's phase-2 lr on a validation split of the target training set
+    6 tuning          naive-lr / know-lr / official-lr: the phase-2 lr (and, for KNOW, the start
+                      factor) chosen on a validation split; the grid is extended past an edge optimum
     7 evaluate        fine-tune + linear-probe every (method, factor, seed) cell
     8 report          results.csv, summary.csv/.md, plots, a Prefect markdown artifact
 
@@ -28,7 +29,9 @@ from storage.results import save_figure, save_table, save_text
 from storage.trajectory import TrajectoryStore
 from know_core.errors import BadInput
 from params.collect import CollectParams, TrajectoryParams
-from params.experiment import PRESETS, ExperimentParams, preset_params  # noqa: F401 - re-exported
+from know_core.tuning import TuneResult, bracket_search
+from know_core.verdict import fmt_factor
+from params.experiment import PRESETS, SHRINK_OF, ExperimentParams, preset_params  # noqa: F401 - re-exported
 from params.predict import MetaTrainParams, PredictParams
 from tasks.evaluate import CellSpec, TargetSpec, finetune_cell, target_diagnostics
 from tasks.predict import predict_run
@@ -80,16 +83,17 @@ class ExperimentPlan:
     target: TrajectoryParams
     full: TrajectoryParams | None  # half-data variant: the full-data pre-training
     known: str
-    methods: list[tuple[str, float]]
-    naive_lr_grid: list[float]
+    methods: list[tuple[str, float]]  # rows fine-tuned at the fixed lr2
+    tuned: dict[str, list[tuple[str, float]]]  # tuned row -> its candidate starts
+    lr_grid: list[float]
     seeds: int
 
     def totals(self) -> dict[str, int]:
-        """Units of work per stage, for progress displays."""
-        tuned = len(self.naive_lr_grid) if any(m == "naive-lr" for m, _ in self.methods) else 0
+        """Units of work per stage, for progress displays (tuning counts the grid, before any extension)."""
+        val = len(self.lr_grid) * sum(len(starts) for starts in self.tuned.values())
         return {"meta-collect": sum(c.runs * len(c.model_list()) for c in self.collects),
                 "target trajectory": self.target.stages,
-                "evaluate cells": len(self.methods) * self.seeds + tuned}
+                "evaluate cells": (len(self.methods) + len(self.tuned)) * self.seeds + val}
 
 
 def plan(p: ExperimentParams) -> ExperimentPlan:
@@ -102,15 +106,15 @@ def plan(p: ExperimentParams) -> ExperimentPlan:
             collects.append(CollectParams(
                 store=store, dataset=p.meta_dataset, classes=p.meta_classes, limit=p.meta_limit, models=p.meta_models,
                 runs=runs, stages=p.meta_stages, mode=mode, seed=1 if mode == "independent" else 2, workers=p.workers,
-                device=p.device))
+                device=p.device, optimizer=p.optimizer))
     target = TrajectoryParams(
         store=store, dataset=p.source_dataset, classes=p.source_classes, limit=p.source_limit, model=p.model,
         width=p.width, pretrain_epochs=p.pretrain_epochs, pretrain_lr=p.pretrain_lr,
         pretrain_batch_size=p.pretrain_batch_size, r=p.r, stages=p.window + 2, lr=p.traj_lr,
-        batch_size=p.traj_batch_size, seed=0, device=p.device)
+        batch_size=p.traj_batch_size, seed=0, device=p.device, optimizer=p.optimizer)
     full = target.model_copy(update={"limit": p.full_source_limit}) if p.full_source_limit else None
     return ExperimentPlan(store=store, collects=collects, target=target, full=full, known=str(out / "known"),
-                          methods=p.method_factors(), naive_lr_grid=p.naive_lr_values(), seeds=p.seeds)
+                          methods=p.method_factors(), tuned=p.tuned_rows(), lr_grid=p.naive_lr_values(), seeds=p.seeds)
 
 
 @task(name="write-report")
@@ -120,7 +124,7 @@ def write_report(out: str, cells: list[dict], diagnostics: list[dict], notes: li
     from know_core.verdict import summary_markdown
 
     out = Path(out)
-    results = pd.DataFrame([{"method": c["method"], "factor": c["factor"], "seed": c["seed"], **row}
+    results = pd.DataFrame([{"method": c["method"], "factor": c["factor"], "seed": c["seed"], "lr2": c["lr2"], **row}
                             for c in cells for row in c["rows"]])
     probe = pd.DataFrame([{"method": c["method"], "factor": c["factor"], "seed": c["seed"], **c["probe"]}
                           for c in cells if c["probe"]])
@@ -142,6 +146,26 @@ def write_report(out: str, cells: list[dict], diagnostics: list[dict], notes: li
     except Exception:  # noqa: BLE001 - artifacts need a run context; the files are the product
         pass
     return md
+
+
+def prediction_key(method: str, known: str) -> tuple[str, str]:
+    """(predictor, KNOWN source) of the prediction a row starts from (or scales towards)."""
+    pred = SHRINK_OF.get(method, method)
+    if pred == "official":
+        return "know", "official"
+    return pred, known
+
+
+def provenance_note(prov: dict, scaling: str) -> str:
+    """One line: what KNOWN (ours) was meta-trained on, and what was left out."""
+    if not prov:
+        return f"KNOWN (ours): {scaling} input scaling."
+    fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+    left = fmt(prov.get("left_out", {}))
+    return (f"KNOWN (ours) meta-data: {prov['runs']} runs of {prov['meta_data']!r} meta-data; modes: {fmt(prov['modes'])}; "
+            f"models: {fmt(prov['models'])}; data: {fmt(prov['datasets'])}; optimizer regimes: {fmt(prov['optimizers'])}; "
+            f"runs left out: {left}; {scaling} input scaling. It is applied to the target model above, which may be "
+            "of another architecture and mode than these runs.")
 
 
 def diagnostics_notes(diag: list[dict]) -> list[str]:
@@ -187,10 +211,9 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
 
         print("stage 4/8: predictions")
         max_step = {}
-        for name, factor in methods:
+        for name, factor in [*methods, *(mf for starts in pl.tuned.values() for mf in starts)]:
             if factor > 1:
-                pred = {"official": "know", "shrink": "know", "shrink-official": "know"}.get(name, name)
-                key = (pred, "official" if name in ("official", "shrink-official") else pl.known)
+                key = prediction_key(name, pl.known)
                 max_step[key] = max(max_step.get(key, 0), p.step_of(factor))
         specs = {key: PredictParams(store=store, run_id=target_run, predictor=key[0], steps=steps, known=key[1],
                                     official_dir=p.official_dir) for key, steps in max_step.items()}
@@ -211,51 +234,79 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
                     phase2_epochs=p.phase2_epochs, lr1=p.lr1, lr2=p.lr2, batch_size=p.ft_batch_size, device=p.device)
         runner = make_runner("thread", p.workers)
 
-        lr_choice = p.lr2
-        if any(m == "naive-lr" for m, _ in methods):
-            print("stage 6/8: choosing naive-lr on a validation split (never the test split)")
-            val = [CellSpec(**dict(base, method="naive-lr", source="theta0", lr2=lr, seed=0, split="val", probe=False))
-                   for lr in pl.naive_lr_grid]
-            val_res = run_cells.with_options(task_runner=runner)(val)
-            scores = {c["lr2"]: c["rows"][-1]["test_acc"] for c in val_res}
-            lr_choice = max(scores, key=scores.get)
-            print(f"naive-lr: validation accuracy {scores} -> lr2 = {lr_choice:g}")
+        def start_of(name: str, factor: float) -> dict:
+            """The start point of a row: source, step and shrink flag of its CellSpec."""
+            if name in ("naive", "naive-lr"):
+                return dict(source="theta0", step=0)
+            if name == "naive-full":
+                return dict(source=f"ckpt:{full_ckpt}", step=0)
+            if name == "scratch":
+                return dict(source="scratch", step=0)
+            return dict(source=names[prediction_key(name, pl.known)], step=p.step_of(factor),
+                        shrink=name in SHRINK_OF)
+
+        if pl.tuned:
+            print("stage 6/8: tuning phase-2 lr of the tuned rows on a validation split (never the test split)")
+        tuned, tuning_notes = tune_rows(pl.tuned, pl.lr_grid, p.lr_grid_extend, base, start_of, runner)
 
         print("stage 7/8: fine-tuning and probing every start point")
         cells = []
-        for name, factor in methods:
-            step = p.step_of(factor)
+        rows = [(name, factor, name, p.lr2) for name, factor in methods]
+        rows += [(row, factor, name, res.best) for row, (name, factor, res) in tuned.items()]
+        for row, factor, start_name, lr2 in rows:
             for seed in range(p.seeds):
-                kw = dict(base, method=name, factor=factor, seed=seed, step=step)
-                if name in ("naive", "naive-lr"):
-                    kw.update(source="theta0", lr2=lr_choice if name == "naive-lr" else p.lr2)
-                elif name == "naive-full":
-                    kw.update(source=f"ckpt:{full_ckpt}")
-                elif name == "scratch":
-                    kw.update(source="scratch")
-                elif name == "shrink":
-                    kw.update(source=names[("know", pl.known)], shrink=True)
-                elif name == "shrink-official":
-                    kw.update(source=names[("know", "official")], shrink=True)
-                elif name == "official":
-                    kw.update(source=names[("know", "official")])
-                else:
-                    kw.update(source=names[(name, pl.known)])
-                cells.append(CellSpec(**kw))
+                cells.append(CellSpec(**dict(base, **start_of(start_name, factor), method=row, factor=factor,
+                                             seed=seed, lr2=lr2)))
         results = run_cells.with_options(task_runner=runner)(cells)
 
         print("stage 8/8: report")
         notes = [f"Preset {p.preset}; {p.seeds} seeds per method, paired (same seeds, data order and head init).",
                  f"Source {p.source_dataset}[{p.source_classes}] -> target {p.target_dataset}[{p.target_classes or 'all'}], "
-                 f"{p.target_train_size} balanced training images; meta-trajectories: {p.meta_dataset}[{p.meta_classes}] "
-                 f"training split ({p.meta_models}).",
-                 f"naive-lr chose lr2 = {lr_choice:g} from {{{p.naive_lr_grid}}} on a validation split of the target training set.",
-                 f"KNOWN (ours): {meta['scaling']} input scaling.",
+                 f"{p.target_train_size} balanced training images.",
+                 f"Target trajectory: {p.model} (width {p.width}), sequential, {p.window + 2} stages at r = {p.r:g}, "
+                 f"Adam lr {p.traj_lr:g}, batch {p.traj_batch_size}, optimizer regime {p.optimizer}; subsets |Dk| = "
+                 "int(N·r^k), the last partial batch of each stage left out (as the release).",
+                 provenance_note(meta.get("provenance", {}), meta["scaling"]),
+                 f"Tuned rows (naive-lr, know-lr, official-lr) choose phase-2 lr2 on a validation split of the target "
+                 f"training set (never the test split), from the grid {{{p.naive_lr_grid}}} extended ×2 / ÷2 past an "
+                 f"edge optimum at most {p.lr_grid_extend} times per side; every other row uses lr2 = {p.lr2:g}.",
+                 *tuning_notes,
                  "Every start point's BatchNorm statistics are re-estimated on the target training images before fine-tuning.",
                  *diagnostics_notes(diag)]
         md = write_report(str(out), results, diag, notes, f"KNOW experiment ({p.preset})")
         print(md)
         return str(out)
+
+
+def tune_rows(tuned_rows: dict[str, list[tuple[str, float]]], grid: list[float], max_extend: int, base: dict,
+              start_of, runner) -> tuple[dict[str, tuple[str, float, TuneResult]], list[str]]:
+    """Choose each tuned row's start and phase-2 lr on the validation split (seed 0).
+
+    Every candidate start (naive-lr: Θ0; know-lr: each listed know factor; official-lr: each
+    official factor) gets the same bracketing search over `grid`; the row takes the candidate
+    with the best validation accuracy (the first listed on a tie).  Returns {row: (start
+    method, factor, its TuneResult)} and one report line per row."""
+    tuned, notes = {}, []
+    for row, starts in tuned_rows.items():
+        results_of = {}
+        for name, factor in starts:
+            def score(lrs, name=name, factor=factor):
+                val = [CellSpec(**dict(base, **start_of(name, factor), method=row, factor=factor, lr2=lr, seed=0,
+                                       split="val", probe=False)) for lr in lrs]
+                return {c["lr2"]: c["rows"][-1]["test_acc"] for c in run_cells.with_options(task_runner=runner)(val)}
+
+            results_of[(name, factor)] = bracket_search(grid, score, max_extend=max_extend)
+        (name, factor), res = max(results_of.items(), key=lambda kv: kv[1].best_score)
+        tuned[row] = (name, factor, res)
+        if len(starts) == 1:
+            notes.append(f"{row}: {res.describe()}; validation accuracy {res.best_score:.4f}.")
+        else:
+            each = "; ".join(f"{m} {fmt_factor(f)}: {r.best_score:.4f} at lr2 = {r.best:g} ({r.describe()})"
+                             for (m, f), r in results_of.items())
+            notes.append(f"{row}: best validation accuracy per candidate start: {each} -> {name} "
+                         f"{fmt_factor(factor)} at lr2 = {res.best:g}.")
+        print(notes[-1])
+    return tuned, notes
 
 
 @flow(name="evaluate-cells")

@@ -15,7 +15,7 @@ from know_core.errors import BadInput
 from params.predict import MetaTrainParams
 from storage.results import save_table
 from storage.trajectory import TrajectoryStore
-from tasks.meta import eligible_runs, meta_report, pick_default, train_known_set
+from tasks.meta import eligible_runs, meta_provenance, meta_report, pick_default, train_known_set
 
 from .common import resume_hint
 
@@ -61,4 +61,5 @@ def meta_train_known(params: MetaTrainParams = MetaTrainParams()) -> dict:
         save_table(table, out / "val_l1.csv")
         save_table(runs, out / "runs.csv")
         print(f"default KNOWN: {params.meta_data} meta-data, {scaling} scaling -> {out / 'known.pt'}")
-        return {"out": str(out), "scaling": scaling, "table": table.to_dict("records")}
+        provenance = meta_provenance(TrajectoryStore(params.store), params, params.meta_data)
+        return {"out": str(out), "scaling": scaling, "table": table.to_dict("records"), "provenance": provenance}

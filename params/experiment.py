@@ -16,38 +16,54 @@ from pydantic import Field, field_validator, model_validator
 
 from know_core.errors import BadInput
 from know_core.predict import step_for_factor
+from know_core.stats import own_shrink
 
-from .common import DeviceField, check_floats, check_learning_rates, check_models, check_one_model
+from .common import DeviceField, OptimizerField, check_floats, check_learning_rates, check_models, check_one_model
 
-#: method names of the `methods` list; official rows need official_dir
-METHODS = ("naive", "naive-lr", "naive-full", "scratch", "know", "official", "taskvector", "logfit", "shrink",
-           "know-s2", "know-s3", "know-s4", "shrink-official")
+#: predictors: rows that start from a prediction at a factor > 1
+PREDICTORS = ("know", "official", "taskvector", "logfit", "know-s2", "know-s3", "know-s4")
+#: controls that start from Θ0, the full-data checkpoint or a random init (factor 1)
+BASELINES = ("naive", "naive-full", "scratch")
+#: tuned rows: the lr of phase 2 chosen on a validation split; each tunes the starts of one source
+TUNED = {"naive-lr": "naive", "know-lr": "know", "official-lr": "official"}
+
+
+def shrink_of(predictor: str) -> str:
+    """The name of a predictor's own shrink control (the report's rule, know_core.stats.own_shrink)."""
+    name = own_shrink(predictor)
+    assert name is not None, predictor  # every predictor has one
+    return name
+
+
+#: every method name of the `methods` list; official rows need official_dir
+METHODS = (*BASELINES, *PREDICTORS, *(shrink_of(p) for p in PREDICTORS), *TUNED)
+#: the predictor a shrink control scales towards
+SHRINK_OF = {shrink_of(p): p for p in PREDICTORS}
 #: methods that read the official KNOWN
-OFFICIAL_METHODS = ("official", "shrink-official")
+OFFICIAL_METHODS = ("official", "shrink-official", "official-lr")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "standard": {},
-    "full": {"methods": "naive,naive-lr,know:2,know:4,know:8,official:2,official:4,official:8,taskvector:2,"
-                        "taskvector:4,taskvector:8,logfit:2,logfit:4,logfit:8,know-s2:8,know-s3:8,shrink:2,"
-                        "shrink:4,shrink:8,shrink-official:2,shrink-official:4,shrink-official:8,scratch",
+    "full": {"methods": "naive,naive-lr,know:2,know:4,know:8,know-lr,official:2,official:4,official:8,official-lr,"
+                        "taskvector:2,taskvector:4,taskvector:8,logfit:2,logfit:4,logfit:8,know-s2:8,know-s3:8,scratch",
              "meta_sequential_runs": 4},
     "mnist": {"target_dataset": "mnist5k", "target_classes": ""},
     "half-data": {"source_limit": 15000, "full_source_limit": 30000,
-                  "methods": "naive,naive-full,naive-lr,know:2,know:8,official:8,shrink:8,taskvector:2"},
+                  "methods": "naive,naive-full,naive-lr,know:2,know:8,know-lr,official:8,official-lr,taskvector:2"},
     "quick": {"source_dataset": "digits", "source_classes": "0-4", "meta_dataset": "digits", "meta_classes": "0-4",
               "meta_limit": 0, "meta_runs": 4, "meta_epochs": 4, "meta_pairs_per_run": 5000,
               "target_dataset": "digits", "target_classes": "5-9", "target_train_size": 300, "width": 8,
               "pretrain_batch_size": 32, "traj_batch_size": 8, "pretrain_epochs": 5, "phase1_epochs": 1,
               "phase2_epochs": 3, "ft_batch_size": 32, "lr2": 1e-3, "naive_lr_grid": "1e-3,2e-3", "seeds": 2,
-              "methods": "naive,naive-lr,know:2,know:4,know:8,official:8,taskvector:2,logfit:2,shrink:8,"
-                         "shrink-official:8,scratch"},
+              "methods": "naive,naive-lr,know:2,know:4,know:8,know-lr,official:8,official-lr,taskvector:2,logfit:2,"
+                         "scratch"},
 }
 
 #: run-time knobs: they change where and how fast, never what is computed
 RUNTIME_FIELDS = {"out", "force", "workers", "device", "preset"}
 
 
-class ExperimentParams(DeviceField):
+class ExperimentParams(OptimizerField, DeviceField):
     """The whole KNOW experiment: meta-data, KNOWN, the target trajectory, predictions,
     fine-tunes over paired seeds, and the report."""
 
@@ -93,11 +109,17 @@ class ExperimentParams(DeviceField):
     lr1: float = Field(1e-3, gt=0, description="Phase-1 Adam lr")
     lr2: float = Field(4e-4, gt=0, description="Phase-2 cosine start lr")
     ft_batch_size: int = Field(128, ge=1, description="Fine-tune batch size")
-    naive_lr_grid: str = Field("4e-4,1e-3,2e-3", description="naive-lr candidates, chosen on a validation split")
+    naive_lr_grid: str = Field("4e-4,1e-3,2e-3", description="Phase-2 lr candidates of every tuned row (naive-lr, "
+                               "know-lr, official-lr), chosen on a validation split; extended past an edge optimum")
+    lr_grid_extend: int = Field(3, ge=0, le=8, description="Cap on the ×2 (÷2) extensions of the lr grid on each side "
+                                "when its optimum is at an edge (0 = the grid as given)")
+    shrink_controls: bool = Field(True, description="Add each predictor's own shrink control at every factor it runs "
+                                  "at (shrink-<predictor>: Θ0 scaled per tensor by that prediction)")
     seeds: int = Field(5, ge=1, description="Fine-tune seeds per method (paired across methods)")
-    methods: str = Field("naive,naive-lr,know:2,know:8,official:2,official:8,shrink:8,shrink-official:8,"
-                         "taskvector:2,logfit:2,scratch",
-                         description="Comma-separated method[:factor] list; a factor must be a power of 1/r")
+    methods: str = Field("naive,naive-lr,know:2,know:8,know-lr,official:2,official:8,official-lr,taskvector:2,"
+                         "logfit:2,scratch",
+                         description="Comma-separated method[:factor] list; a factor must be a power of 1/r. "
+                         "know-lr/official-lr (no factor) tune the best start of that source")
 
     @model_validator(mode="before")
     @classmethod
@@ -134,11 +156,8 @@ class ExperimentParams(DeviceField):
             raise ValueError("meta_runs and meta_sequential_runs are both 0; KNOWN needs meta runs to train on")
         return self
 
-    def method_factors(self) -> list[tuple[str, float]]:
-        """[(method, factor)] from `methods`: 'know:8' -> ('know', 8.0), no factor -> 1.0.
-
-        Official rows are left out without official_dir. A factor that is not a power of
-        1/r is refused: the prediction could only be labelled with a factor it is not."""
+    def _parsed(self) -> list[tuple[str, float]]:
+        """The `methods` list as (name, factor) pairs, every name and factor checked."""
         out = []
         for item in filter(None, (m.strip() for m in self.methods.split(","))):
             name, _, factor_text = item.partition(":")
@@ -148,13 +167,50 @@ class ExperimentParams(DeviceField):
                 factor = float(factor_text) if factor_text else 1.0
             except ValueError:
                 raise ValueError(f"method {item!r}: the factor after ':' must be a number") from None
+            if (name in PREDICTORS or name in SHRINK_OF) and factor == 1.0:
+                raise ValueError(f"method {item!r} needs a factor above 1, e.g. {name}:2 (×1 is Θ0 itself: naive)")
+            if (name in BASELINES or name in TUNED) and factor != 1.0:
+                raise ValueError(f"method {item!r} takes no factor" + (
+                    f": it tunes the best {TUNED[name]} start among the listed factors" if name in ("know-lr", "official-lr") else ""))
             if factor != 1.0:
                 step_for_factor(factor, self.r, option=f"method {item!r}: factor")
-            if name in OFFICIAL_METHODS and not self.official_dir:
-                continue  # official rows need the h5 files; skipped without them
             if name == "naive-full" and not self.full_source_limit:
                 raise ValueError("method naive-full needs full_source_limit (the half-data preset sets it)")
             out.append((name, factor))
+        for name in ("know-lr", "official-lr"):
+            if any(m == name for m, _ in out) and not any(m == TUNED[name] for m, _ in out):
+                raise ValueError(f"method {name} tunes the {TUNED[name]} rows, but methods lists none "
+                                 f"(add e.g. {TUNED[name]}:2)")
+        return out
+
+    def method_factors(self) -> list[tuple[str, float]]:
+        """[(method, factor)] of the rows fine-tuned at the fixed lr2: `methods` without the
+        tuned rows, plus (with shrink_controls) each predictor's own shrink control at each
+        of its factors.  'know:8' -> ('know', 8.0), no factor -> 1.0.
+
+        Official rows are left out without official_dir. A factor that is not a power of
+        1/r is refused: the prediction could only be labelled with a factor it is not."""
+        out: list[tuple[str, float]] = []
+        for name, factor in self._parsed():
+            if name in OFFICIAL_METHODS and not self.official_dir:
+                continue  # official rows need the h5 files; skipped without them
+            if name not in TUNED and (name, factor) not in out:
+                out.append((name, factor))
+        if self.shrink_controls:
+            for name, factor in list(out):
+                if name in PREDICTORS and (shrink_of(name), factor) not in out:
+                    out.append((shrink_of(name), factor))
+        return out
+
+    def tuned_rows(self) -> dict[str, list[tuple[str, float]]]:
+        """{tuned row: its candidate starts [(method, factor)]}: naive-lr tunes Θ0, know-lr every
+        listed know factor, official-lr every listed official factor (with official_dir)."""
+        rows = self.method_factors()
+        out = {}
+        for name, _ in self._parsed():
+            if name in TUNED and name not in out and not (name in OFFICIAL_METHODS and not self.official_dir):
+                source = TUNED[name]
+                out[name] = [("naive", 1.0)] if source == "naive" else [(m, f) for m, f in rows if m == source]
         return out
 
     def naive_lr_values(self) -> list[float]:
@@ -177,4 +233,4 @@ def preset_params(name: str, **overrides) -> ExperimentParams:
     return ExperimentParams(preset=name, **overrides)
 
 
-__all__ = ["ExperimentParams", "PRESETS", "METHODS", "preset_params"]
+__all__ = ["ExperimentParams", "PRESETS", "METHODS", "PREDICTORS", "TUNED", "SHRINK_OF", "shrink_of", "preset_params"]

@@ -123,7 +123,9 @@ def finetune_cell(spec: CellSpec) -> dict:
     path = cell_path(spec, state_digest(state))
     if path.exists():
         log.info("cell %s x%g seed %d (%s): cached", spec.method, spec.factor, spec.seed, spec.split)
-        return json.loads(path.read_text())
+        # the same start and protocol may have been computed for another row (know-lr at the
+        # fixed lr2 is the know cell): the result is shared, the row's name is this spec's
+        return {**json.loads(path.read_text()), "method": spec.method, "factor": spec.factor}
     train, test = spec.target.splits(spec.split)
     model = build_from_spec(mspec)
     model.load_state_dict(state, strict=True)

@@ -47,6 +47,31 @@ def eligible_runs(store: TrajectoryStore, spec: MetaTrainParams, meta_data: str)
     return runs
 
 
+def meta_provenance(store: TrajectoryStore, spec: MetaTrainParams, meta_data: str) -> dict:
+    """What KNOWN was trained on: counts of the eligible runs by mode, model, data set and
+    optimizer regime, and why every other run of the store was left out."""
+    from collections import Counter
+
+    used = eligible_runs(store, spec, meta_data)
+    ids = {r.run_id for r in used}
+    excluded = spec.excluded()
+    why: Counter = Counter()
+    for r in store.runs():
+        if r.run_id in ids:
+            continue
+        if r.run_id in excluded:
+            why["excluded by name (the target run)"] += 1
+        elif not r.is_complete:
+            why[f"status {r.status}"] += 1
+        elif r.n_stages < WINDOW + 1:
+            why[f"fewer than {WINDOW + 1} stages"] += 1
+        else:
+            why[f"{r.mode} mode (meta-data {meta_data!r})"] += 1
+    count = lambda attr: dict(sorted(Counter(getattr(r, attr) for r in used).items()))
+    return {"meta_data": meta_data, "runs": len(used), "modes": count("mode"), "models": count("model"),
+            "datasets": count("dataset"), "optimizers": count("optimizer"), "left_out": dict(why)}
+
+
 def split_by_model(runs: list[RunRecord], spec: MetaTrainParams) -> tuple[list[str], list[str]]:
     """Train/validation split by run, stratified by model so every kind is validated."""
     return split_runs_grouped([r.run_id for r in runs], [r.model for r in runs], spec.val_fraction, spec.seed)

@@ -458,3 +458,24 @@ def test_module_docstring_example_runs(capsys):
     exec(compile(code, "<evaluate docstring>", "exec"), {})
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 4  # three epoch lines and the probe accuracy
+
+
+def test_a_cached_cell_is_reported_under_the_row_that_asked_for_it(tmp_path, prefect_harness):
+    """naive-lr at the fixed lr2 is the naive cell: computed once, but each row keeps its own
+    name (a row read back under the other's name vanished from the report)."""
+    from flows.trajectory import forgetting_trajectory
+    from params.collect import TrajectoryParams
+    from tasks.evaluate import CellSpec, TargetSpec, finetune_cell
+
+    store = str(tmp_path / "runs.zarr")
+    run_id = forgetting_trajectory(TrajectoryParams(store=store, dataset="digits", classes="0-4", limit=300,
+                                                    model="simple-cnn", width=8, pretrain_epochs=1, stages=2,
+                                                    batch_size=32, device="cpu"))
+    base = dict(out=str(tmp_path / "exp"), store=store, run_id=run_id, seed=0, phase1_epochs=0, phase2_epochs=1,
+                lr1=1e-3, lr2=1e-3, batch_size=32, device="cpu", probe=False,
+                target=TargetSpec(dataset="digits", classes="5-9", train_size=100))
+    a = finetune_cell.fn(CellSpec(**base, method="naive"))
+    b = finetune_cell.fn(CellSpec(**base, method="naive-lr"))
+    assert (a["method"], b["method"]) == ("naive", "naive-lr")
+    assert a["rows"] == b["rows"]
+    assert len(list((tmp_path / "exp" / "cells").glob("*.json"))) == 1

@@ -29,9 +29,12 @@ from conftest import REFERENCE_DIR
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 OLD_NS = 1_000_000_000_000_000_000  # 2001-09-09: any rewrite of a file moves its mtime off this
-METHODS = "naive,know:2,know:4,know:8,official:8,taskvector:2,logfit:2,shrink:8"
-EXPECTED = {("naive", 1.0), ("know", 2.0), ("know", 4.0), ("know", 8.0), ("official", 8.0), ("taskvector", 2.0),
-            ("logfit", 2.0), ("shrink", 8.0)}
+METHODS = "naive,naive-lr,know:2,know:8,know-lr,official:8,official-lr,taskvector:2,logfit:2"
+#: rows at the fixed lr2, each predictor's own shrink control added at each of its factors
+FIXED = {("naive", 1.0), ("know", 2.0), ("know", 8.0), ("official", 8.0), ("taskvector", 2.0), ("logfit", 2.0),
+         ("shrink", 2.0), ("shrink", 8.0), ("shrink-official", 8.0), ("shrink-taskvector", 2.0), ("shrink-logfit", 2.0)}
+#: tuned rows: the factor is the start chosen on the validation split
+TUNED = {"naive-lr": {1.0}, "know-lr": {2.0, 8.0}, "official-lr": {8.0}}
 SEEDS = 2
 
 
@@ -40,7 +43,7 @@ def _params(out: Path, **kw):
 
     base = dict(out=str(out), seeds=SEEDS, meta_runs=2, pretrain_epochs=1, phase1_epochs=1, phase2_epochs=1,
                 official_dir=str(REFERENCE_DIR), workers=2, methods=METHODS, meta_epochs=2, meta_pairs_per_run=2000,
-                meta_limit=600, target_train_size=150)
+                meta_limit=600, target_train_size=150, naive_lr_grid="1e-3,2e-3", lr_grid_extend=1)
     return preset_params("quick", **{**base, **kw})
 
 
@@ -71,7 +74,11 @@ def test_outputs(first):
 
     results = pd.read_csv(out / "results.csv")
     assert {"method", "factor", "seed", "epoch", "phase", "test_acc"} <= set(results.columns)
-    assert set(map(tuple, results[["method", "factor"]].drop_duplicates().itertuples(index=False))) == EXPECTED
+    rows = set(map(tuple, results[["method", "factor"]].drop_duplicates().itertuples(index=False)))
+    assert {r for r in rows if r[0] not in TUNED} == FIXED
+    tuned = {m: f for m, f in rows if m in TUNED}
+    assert set(tuned) == set(TUNED) and all(tuned[m] in TUNED[m] for m in TUNED), tuned
+    expected = FIXED | set(tuned.items())
     for (method, factor), g in results.groupby(["method", "factor"]):
         assert sorted(g.seed.unique()) == list(range(SEEDS)), (method, factor)
         # phase 1 + phase 2 epochs, one row each, per seed
@@ -80,11 +87,11 @@ def test_outputs(first):
     assert results.test_acc.notna().all()
 
     probe = pd.read_csv(out / "probe.csv")
-    assert len(probe) == len(EXPECTED) * SEEDS
+    assert len(probe) == len(expected) * SEEDS
     assert probe.acc.between(0, 1, inclusive="right").all()
 
     summary = pd.read_csv(out / "summary.csv")
-    assert set(map(tuple, summary[["method", "factor"]].itertuples(index=False))) == EXPECTED
+    assert set(map(tuple, summary[["method", "factor"]].itertuples(index=False))) == expected
     assert (summary.n_seeds == SEEDS).all()
     assert summary.ft_mean.between(0, 1, inclusive="right").all()
     md = (out / "summary.md").read_text()
@@ -101,9 +108,41 @@ def test_outputs(first):
     assert diag.held_out_stage.unique().tolist() == [0, 1]  # 7 stages, window 5
     assert (diag.l1 > 0).all() and diag.coherence.notna().all()
 
-    cells = list((out / "cells").glob("*.json"))
-    assert len(cells) == len(EXPECTED) * SEEDS
+    cells = [json.loads(c.read_text()) for c in (out / "cells").glob("*.json")]
+    test_cells = [c for c in cells if c["split"] == "test"]
+    # a tuned row whose chosen lr is the fixed lr2 shares the cells of the untuned row it starts from
+    shared = sum(1 for m in tuned if _chosen_lr(out, m) == first.params.lr2)
+    assert len(test_cells) == (len(expected) - shared) * SEEDS
+    assert {c["seed"] for c in cells if c["split"] == "val"} == {0}
     assert json.loads((out / "experiment.json").read_text()) == first.params.identity()
+
+
+def _chosen_lr(out: Path, row: str) -> float:
+    lrs = set(pd.read_csv(out / "results.csv").query("method == @row").lr2)
+    assert len(lrs) == 1, (row, lrs)
+    return lrs.pop()
+
+
+@pytest.mark.needs_reference
+def test_report_compares_each_row_with_its_own_shrink_and_states_the_tuning(first):
+    """Acceptance (issue 11): official rows against shrink-official at the same factor, the
+    verdict names them, tuned rows are present and the lr grid and its bracketing are stated."""
+    out = first.out
+    res = pd.read_csv(out / "results.csv")
+    last = res.sort_values("epoch").groupby(["method", "factor", "seed"]).test_acc.last()
+    summary = pd.read_csv(out / "summary.csv").set_index(["method", "factor"])
+    off = summary.loc[("official", 8.0)]
+    assert off.shrink_control == "shrink-official"
+    want = (last.loc[("official", 8.0)] - last.loc[("shrink-official", 8.0)]).mean()
+    assert abs(off.ft_vs_shrink_mean - want) < 1e-9
+    assert summary.loc[("taskvector", 2.0)].shrink_control == "shrink-taskvector"
+    assert summary.loc[("know", 2.0)].ft_vs_shrink_n == SEEDS  # a shrink row at ×2 exists now
+    md = (out / "summary.md").read_text()
+    verdict = md.split("**Verdict.**")[1]
+    assert "Best KNOW row (official)" in verdict and "shrink-official ×8" in verdict
+    assert "Best KNOW row (ours)" in verdict and "know-lr" in verdict and "naive-lr" in verdict
+    assert "grid 0.001, 0.002" in md and ("(interior)" in md or "edge after the cap of 1 extensions" in md)
+    assert "optimizer regime carry" in md and "KNOWN (ours) meta-data: 4 runs" in md
 
 
 @pytest.mark.needs_reference

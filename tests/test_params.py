@@ -107,3 +107,57 @@ def test_describe_names_the_option_or_the_field():
     with pytest.raises(ValidationError) as err:
         CollectParams(r_min=0.8, r_max=0.5)
     assert "r_min=0.8 is above r_max=0.5" in describe(err.value)
+
+
+# ------------------------------------------------- issue 11: own shrink controls, tuned rows, exact factors
+def test_every_predictor_gets_its_own_shrink_control_at_each_of_its_factors():
+    from params.experiment import ExperimentParams
+
+    p = ExperimentParams(official_dir="/x", methods="naive,know:2,know:8,official:8,taskvector:2,logfit:4")
+    rows = p.method_factors()
+    for pred, f in [("know", 2.0), ("know", 8.0), ("official", 8.0), ("taskvector", 2.0), ("logfit", 4.0)]:
+        control = "shrink" if pred == "know" else f"shrink-{pred}"
+        assert (control, f) in rows, (control, f)
+    assert ("shrink", 4.0) not in rows  # no know row at ×4
+    assert len(rows) == len(set(rows))
+    off = ExperimentParams(official_dir="/x", methods="know:2", shrink_controls=False).method_factors()
+    assert off == [("know", 2.0)]
+
+
+def test_tuned_rows_tune_the_listed_starts_of_their_source():
+    from params.experiment import ExperimentParams
+
+    p = ExperimentParams(official_dir="/x", methods="naive,naive-lr,know:2,know:8,know-lr,official:8,official-lr")
+    assert p.tuned_rows() == {"naive-lr": [("naive", 1.0)], "know-lr": [("know", 2.0), ("know", 8.0)],
+                              "official-lr": [("official", 8.0)]}
+    assert all(m not in ("naive-lr", "know-lr", "official-lr") for m, _ in p.method_factors())
+    # without official_dir the official rows, tuned or not, are left out
+    assert set(ExperimentParams(methods="know:2,know-lr,official:8,official-lr").tuned_rows()) == {"know-lr"}
+
+
+@pytest.mark.parametrize("methods, needle", [
+    ("know-lr", "tunes the know rows, but methods lists none"),
+    ("know:2,know-lr:2", "takes no factor"),
+    ("know", "needs a factor above 1"),
+    ("shrink-logfit", "needs a factor above 1"),
+    ("naive:2", "takes no factor"),
+    ("shrink-bogus:2", "unknown method"),
+])
+def test_bad_methods_lists_are_one_line_errors(methods, needle):
+    from params.common import describe
+    from params.experiment import ExperimentParams
+
+    with pytest.raises(ValidationError) as err:
+        ExperimentParams(methods=methods)
+    line = describe(err.value)
+    assert needle in line and "\n" not in line
+
+
+def test_r_one_third_labels_and_steps_come_from_r():
+    from params.experiment import ExperimentParams
+
+    p = ExperimentParams(r=1 / 3, methods="naive,know:9,know:3")
+    assert p.step_of(9.0) == 2 and p.step_of(3.0) == 1
+    assert ("know", 9.0) in p.method_factors() and ("shrink", 9.0) in p.method_factors()
+    with pytest.raises(ValidationError, match="power"):
+        ExperimentParams(r=1 / 3, methods="naive,know:8")
