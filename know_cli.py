@@ -15,11 +15,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # Prefect settings must exist before prefect is imported: no analytics (no internet here), a
-# project-local home so runs, results and the ephemeral database stay with the project, and
-# task results persisted as JSON (never pickles: files are untrusted).
+# project-local home so runs and the ephemeral database stay with the project, and no task
+# results persisted or read back: Prefect deserializes a stored result with the serializer its
+# record names, pickle included, and files are untrusted. Nothing is lost: the store, the
+# prediction hashes and the cells folder are the cache that makes re-runs skip finished work.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
-os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
+os.environ.setdefault("PREFECT_TASKS_DISABLE_CACHING", "true")
 os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
 if str(ROOT) not in sys.path:  # run as a script (python know_cli.py ...) from anywhere
     sys.path.insert(0, str(ROOT))

@@ -28,7 +28,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="know-tests-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME  # always a per-session directory
-os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")  # as the CLI: nothing persisted, nothing read back
+os.environ.setdefault("PREFECT_TASKS_DISABLE_CACHING", "true")
 os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")  # as the CLI: results are never pickles
 
 import prefect.main  # noqa: E402,F401 - sets up Prefect's logging now, on the real stderr; set up first

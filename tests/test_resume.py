@@ -45,7 +45,6 @@ def _env(prefect_home: Path) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PYTHONUNBUFFERED": "1",
     })
     return env

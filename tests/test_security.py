@@ -391,3 +391,35 @@ def test_source_scan_passes_safe_code():
     assert not _unsafe_loads("import torch, numpy as np\ntorch.load('f', weights_only=True)\nnp.load('f.npy')\n"
                              f"b = RestrictedUnpickler(fh, p).load()  {MARKER}\n# pickle.load( in a comment\n"
                              "s = 'weights_only=False in a string'\n")
+
+
+# ------------------------------------------------------------------ Prefect task results
+def test_prefect_persists_and_reads_back_no_task_results(tmp_path):
+    """Prefect deserializes a stored result record with the serializer the record names,
+    pickle included, so a planted record would run code. The CLI therefore persists no task
+    results and disables task caching (the store and the cells folder are the cache): a real
+    `know collect` leaves no result files, and its tasks have no cache key to look one up by.
+    A malicious record planted in the result folder beforehand is never read."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    storage = home / "storage"
+    storage.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    record = ('{"metadata": {"storage_key": "x", "serializer": {"type": "pickle"}, "prefect_version": "3.8.8"}, '
+              '"result": ' + repr(pickle.dumps(RunsShell(marker)).hex()).replace("'", '"') + '}')
+    for name in ("planted", "0" * 32):
+        (storage / name).write_text(record)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    code = ("import know_cli, tasks.collect, tasks.evaluate\n"
+            "from prefect.cache_policies import NO_CACHE\n"
+            "assert tasks.collect.collect_run.cache_policy == NO_CACHE, tasks.collect.collect_run.cache_policy\n"
+            "assert tasks.evaluate.finetune_cell.cache_policy == NO_CACHE\n"
+            "know_cli.main(['collect', '--store', %r, '--limit', '200', '--runs', '1', '--stages', '3'])\n"
+            % str(tmp_path / "runs.zarr"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in storage.iterdir()) == ["0" * 32, "planted"]  # nothing new persisted
+    assert not marker.exists()
