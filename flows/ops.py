@@ -134,6 +134,24 @@ async def _read_deployment(client, name: str):
     return found[0] if found else None
 
 
+def precheck_params(model: type[BaseModel], params: dict[str, Any]) -> None:
+    """The user's overrides alone against the stage model: unknown names and bad values are
+    refused; a required field missing here may still come from the deployment's defaults."""
+    from pydantic import ValidationError
+
+    from params.common import describe
+
+    unknown = sorted(set(params) - set(model.model_fields))
+    if unknown:
+        raise OpsError(f"unknown parameter(s) {', '.join(unknown)} for {model.__name__}; "
+                       f"valid: {', '.join(model.model_fields)}")
+    try:
+        model.model_validate(params)
+    except ValidationError as e:
+        if any(err["type"] != "missing" for err in e.errors()):
+            raise OpsError(f"parameter {describe(e, cli=False, skip_missing=True)}") from None
+
+
 def submit(stage: str, params: dict[str, Any] | None = None, *, tags: list[str] | tuple[str, ...] = (),
            idempotency_key: str | None = None) -> tuple[str, str]:
     """Start a flow run of the stage's deployment and return at once: (flow_run_id, UI url).
@@ -145,8 +163,10 @@ def submit(stage: str, params: dict[str, Any] | None = None, *, tags: list[str] 
     from prefect.deployments import run_deployment
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    require_server()
     name, entrypoint = _deployment_name(stage)
+    if entrypoint:  # a typo fails here, before the server is asked
+        precheck_params(params_model(entrypoint), params or {})
+    require_server()
 
     async def read():
         async with get_client() as client:

@@ -228,7 +228,10 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32, grayscale: 
         for f in sorted(d.iterdir()):
             if f.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".gif"}:
                 continue
-            img = Image.open(f).convert("L" if grayscale else "RGB").resize((image_size, image_size))
+            try:
+                img = Image.open(f).convert("L" if grayscale else "RGB").resize((image_size, image_size))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+                raise BadInput(f"image {f} cannot be read ({type(e).__name__}); fix or remove it from the folder") from None
             arr = np.asarray(img, dtype=np.uint8)
             xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
             ys.append(label)

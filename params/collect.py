@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from .common import (DataFields, DeviceField, OptimizerField, RunnerFields, StoreField, check_floats,
-                     check_learning_rates, check_models, check_one_model)
+                     check_learning_rates, check_models, check_one_model, option)
 
 Mode = Literal["independent", "sequential"]
 
@@ -66,7 +66,7 @@ class CollectParams(OptimizerField, RunnerFields, DataFields, StoreField):
     def _ranges(self):
         for lo, hi in (("r_min", "r_max"), ("lr_min", "lr_max"), ("batch_min", "batch_max")):
             if getattr(self, lo) > getattr(self, hi):
-                raise ValueError(f"{lo}={getattr(self, lo)} is above {hi}={getattr(self, hi)}; swap them")
+                raise ValueError(f"{option(lo)} {getattr(self, lo)} is above {option(hi)} {getattr(self, hi)}; swap them")
         return self
 
     def model_list(self) -> list[str]:

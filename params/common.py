@@ -32,9 +32,11 @@ def option(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def describe(error: ValidationError, cli: bool = True) -> str:
-    """One line for the first problem of a ValidationError, naming the option (or field)."""
-    err = error.errors()[0]
+def describe(error: ValidationError, cli: bool = True, skip_missing: bool = False) -> str:
+    """One line for the first problem of a ValidationError, naming the option (or field);
+    `skip_missing` passes over missing required fields (the caller may fill them later)."""
+    errors = error.errors()
+    err = next((e for e in errors if e["type"] != "missing"), errors[0]) if skip_missing else errors[0]
     loc = ".".join(str(part) for part in err.get("loc", ()) if part != "__root__")
     msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if err["type"] == "extra_forbidden":
@@ -81,18 +83,9 @@ class DataFields(StageModel):
     classes: str = Field("", description="Class subset, e.g. '0-4' or '5,7,9'; empty = all classes")
     limit: int = Field(0, ge=0, description="Use only N training images after a seeded shuffle (0 = all)")
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASETS)}")
-        return v
+    _known_dataset = field_validator("dataset")(lambda v: check_dataset(v))
 
-    @field_validator("classes")
-    @classmethod
-    def _classes_parse(cls, v: str) -> str:
-        parse_classes(v)  # BadInput (a ValueError) names the problem
-        return v
+    _classes_parse = field_validator("classes")(lambda v: check_classes(v))
 
     def class_list(self) -> list[int]:
         return parse_classes(self.classes)
@@ -111,6 +104,17 @@ class RunnerFields(DeviceField):
     runner: Literal["thread", "dask"] = Field("thread", description="Task runner for the fan-out: thread | dask")
     workers: int = Field(1, ge=1, description="Parallel training runs (thread pool size or Dask worker processes)")
     dask_address: str = Field("", description="Existing Dask scheduler, e.g. tcp://127.0.0.1:8786 (runner=dask)")
+
+
+def check_dataset(v: str) -> str:
+    if v not in DATASETS:
+        raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(DATASETS)}")
+    return v
+
+
+def check_classes(v: str) -> str:
+    parse_classes(v)  # BadInput (a ValueError) names the problem
+    return v
 
 
 def check_device(v: str) -> str:

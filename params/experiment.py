@@ -18,7 +18,7 @@ from know_core.errors import BadInput
 from know_core.predict import step_for_factor
 from know_core.stats import own_shrink
 
-from .common import DeviceField, OptimizerField, check_floats, check_learning_rates, check_models, check_one_model
+from .common import DeviceField, OptimizerField, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
 
 #: predictors: rows that start from a prediction at a factor > 1
 PREDICTORS = ("know", "official", "taskvector", "logfit", "know-s2", "know-s3", "know-s4")
@@ -131,13 +131,8 @@ class ExperimentParams(OptimizerField, DeviceField):
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return {**PRESETS[name], "out": f"results/{name}", **data}
 
-    @field_validator("source_dataset", "meta_dataset", "target_dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        from .common import DataFields
-
-        DataFields(dataset=v)
-        return v
+    _dataset = field_validator("source_dataset", "meta_dataset", "target_dataset")(lambda v: check_dataset(v))
+    _classes = field_validator("source_classes", "meta_classes", "target_classes")(lambda v: check_classes(v))
 
     _model = field_validator("model")(lambda v: check_one_model(v))
 
@@ -153,7 +148,8 @@ class ExperimentParams(OptimizerField, DeviceField):
     def _methods(self):
         self.method_factors()
         if not self.meta_runs and not self.meta_sequential_runs:
-            raise ValueError("meta_runs and meta_sequential_runs are both 0; KNOWN needs meta runs to train on")
+            raise ValueError("--meta-runs and --meta-sequential-runs are both 0; set one above 0 (KNOWN needs meta runs "
+                             "to train on)")
         return self
 
     def _parsed(self) -> list[tuple[str, float]]:
@@ -175,7 +171,7 @@ class ExperimentParams(OptimizerField, DeviceField):
             if factor != 1.0:
                 step_for_factor(factor, self.r, option=f"method {item!r}: factor")
             if name == "naive-full" and not self.full_source_limit:
-                raise ValueError("method naive-full needs full_source_limit (the half-data preset sets it)")
+                raise ValueError("method naive-full needs --full-source-limit (the half-data preset sets it)")
             out.append((name, factor))
         for name in ("know-lr", "official-lr"):
             if any(m == name for m, _ in out) and not any(m == TUNED[name] for m, _ in out):

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from know_core.known import missing_official_files
 from know_core.predict import PREDICTORS
 
-from .common import StoreField
+from .common import StoreField, check_classes, check_dataset
 
 Predictor = Literal[PREDICTORS]  # type: ignore[valid-type]
 
@@ -111,6 +111,18 @@ class ExportParams(KnownSource):
     predictor: Predictor = Field("naive", description="Predictor whose prediction to export (with known); "
                                  "naive = Θ0 itself")
 
+    _recalibrate = field_validator("recalibrate_bn")(lambda v: v and check_dataset(v))
+    _recalibrate_classes = field_validator("recalibrate_classes")(lambda v: check_classes(v))
+
+    @field_validator("out")
+    @classmethod
+    def _out_is_a_file_path(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must name the output file, e.g. --out model.pt")
+        if Path(v).is_dir():
+            raise ValueError(f"{v} is a directory; name the file to write, e.g. --out {Path(v) / 'model.pt'}")
+        return v
+
     @property
     def prediction_name(self) -> str:
         """The stored prediction to export; '' for Θ0."""
@@ -121,6 +133,10 @@ class ExportParams(KnownSource):
 
 class RunsParams(StoreField):
     """List the runs of a store with their status and hyper-parameters."""
+
+    verify: bool = Field(False, description="Read every chunk of every complete run, prediction and checkpoint "
+                         "(crc32c), mark the damaged ones 'damaged' so that a re-collect rewrites them, and exit 2 "
+                         "when any is damaged")
 
 
 __all__ = ["MetaTrainParams", "PredictParams", "ExportParams", "RunsParams", "KnownSource", "check_official_dir"]

@@ -106,7 +106,7 @@ def test_describe_names_the_option_or_the_field():
     assert describe(err.value, cli=False) == "stages 1: must be at least 2"
     with pytest.raises(ValidationError) as err:
         CollectParams(r_min=0.8, r_max=0.5)
-    assert "r_min=0.8 is above r_max=0.5" in describe(err.value)
+    assert "--r-min 0.8 is above --r-max 0.5" in describe(err.value)
 
 
 # ------------------------------------------------- issue 11: own shrink controls, tuned rows, exact factors
