@@ -209,3 +209,10 @@ def test_bad_input_is_one_line_exit_2(case, world, capfd, monkeypatch):
     assert _complete(world["store"]) == done
     assert _tree(world["root"] / "x") == out_before
     assert not (world["root"] / "m.pt").exists()
+
+
+def test_docs_list_every_case():
+    """docs/reliability.md shows the catalogue; a case added here must be added there."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
+    assert not missing, f"add these cases to docs/reliability.md: {missing}"
