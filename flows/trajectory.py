@@ -1,5 +1,6 @@
-"""The target model's stage: pre-train Θ0 on the source data (kept as a checkpoint), then
-record its sequential forgetting trajectory (method §2).
+"""The target model's stage: pre-train Θ0 on the source data (kept as a checkpoint), or take
+it from a state_dict file (`checkpoint`, tasks/checkpoint.py), then record its sequential
+forgetting trajectory (method §2).
 
     from flows.trajectory import forgetting_trajectory
     from params.collect import TrajectoryParams
@@ -11,6 +12,7 @@ from prefect import flow
 
 from params.collect import TrajectoryParams
 from storage.trajectory import TrajectoryStore
+from tasks.checkpoint import checkpoint_start, import_checkpoint, preflight_checkpoint
 from tasks.collect import PretrainSpec, collect_run, pretrain
 from tasks.specs import RunSpec
 
@@ -20,18 +22,24 @@ from .common import resume_hint
 def target_specs(p: TrajectoryParams) -> tuple[PretrainSpec, RunSpec]:
     """The pre-training and the trajectory run the settings describe."""
     data = dict(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit)
-    pre = PretrainSpec(model=p.model, width=p.width, epochs=p.pretrain_epochs, lr=p.pretrain_lr,
+    model = dict(model=p.model, width=p.width, model_kwargs=p.model_kwargs, head=p.head)
+    pre = PretrainSpec(**model, epochs=p.pretrain_epochs, lr=p.pretrain_lr,
                        batch_size=p.pretrain_batch_size, seed=p.seed, augment=p.augment, **data)
-    run = RunSpec(model=p.model, width=p.width, r=p.r, stages=p.stages, lr=p.lr, batch_size=p.batch_size,
+    start, sha = checkpoint_start(p.checkpoint) if p.checkpoint else (pre.checkpoint_id, "")
+    run = RunSpec(**model, r=p.r, stages=p.stages, lr=p.lr, batch_size=p.batch_size,
                   epochs_per_stage=p.epochs_per_stage, seed=p.seed, mode="sequential", optimizer=p.optimizer, augment=p.augment,
-                  start=pre.checkpoint_id, **data)
+                  start=start, checkpoint_sha256=sha, **data)
     return pre, run
 
 
 def preflight(p: TrajectoryParams) -> RunSpec:
     """Checks that need the data (the batch must fit the smallest subset); the trajectory run."""
     _, run = target_specs(p)
-    run.trajectory_config().validate(len(run.load("train")))  # BadInput, as collect_run would raise later
+    data = run.load("train")
+    run.trajectory_config().validate(len(data))  # BadInput, as collect_run would raise later
+    run.model_spec(data)  # the model builds and fits the data (BadInput names the problem)
+    if p.checkpoint:
+        preflight_checkpoint(p.checkpoint, run, data)  # a state_dict of that model, or one line naming the key
     return run
 
 
@@ -42,7 +50,10 @@ def forgetting_trajectory(params: TrajectoryParams = TrajectoryParams()) -> str:
         pre, _ = target_specs(params)
         run = preflight(params)
         TrajectoryStore(params.store).prepare()
-        ckpt = pretrain(params.store, pre, params.device)
+        if params.checkpoint:
+            ckpt = import_checkpoint(params.store, params.checkpoint, run)
+        else:
+            ckpt = pretrain(params.store, pre, params.device)
         run_id = collect_run(params.store, run, params.device, threads=0)  # runs alone: every core
         print(f"target trajectory {run_id} (from checkpoint {ckpt}) is complete")
         return run_id

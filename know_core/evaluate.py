@@ -8,8 +8,10 @@ the two tools that §2 asks for when a predicted checkpoint is evaluated:
 * ``recalibrate_bn`` and ``linear_probe`` are in know_core.probe.
 * ``evaluate``       accuracy and mean cross-entropy in eval mode.
 
-Models follow the project contract: an ``nn.Module`` with ``forward_features(x) -> (N, F)``
-and ``head: nn.Linear``, where ``forward(x) == head(forward_features(x))``.  Images are
+A model is any ``nn.Module`` mapping images to logits whose head is an ``nn.Linear``: the
+module named by ``model.know_head`` (set by know_core.models.build_model) or the ``head``
+argument, else its last ``nn.Linear`` in ``named_modules()`` order (know_core.models.find_head).
+``replace_head`` swaps that module in place; nothing else of the model is touched.  Images are
 float32 ``(N, C, H, W)`` tensors in [0, 1], labels int64 ``(N,)``.  Everything here is pure
 torch: no files, no pipeline objects.  The epoch loop, the device choice and the accuracy
 count are ``know_core.train``'s (``run_epoch``, ``pick_device``, ``count_correct``).
@@ -55,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models import find_head, set_module
 from .train import batch_slices, count_correct, pick_device, run_epoch
 
 __all__ = [
@@ -140,34 +143,35 @@ def _cuda_indices(device: torch.device) -> list[int]:
 # --------------------------------------------------------------------------- head
 
 
-def replace_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    """Give ``model`` a freshly initialised ``head = nn.Linear(F, num_classes)``.
+def replace_head(model: nn.Module, num_classes: int, seed: int, head: str | None = None) -> nn.Module:
+    """Replace the model's head with a freshly initialised ``nn.Linear(F, num_classes)``, in place.
 
-    The initialisation is PyTorch's default for ``nn.Linear`` (uniform in ±1/sqrt(F) for
-    weight and bias) drawn from a CPU generator seeded with ``seed``, so every method gets
-    the identical head for the same seed and feature width, whatever the global RNG state or
-    device (which is left untouched).  The new head has the old head's device and dtype.  Returns ``model``.
+    The head is the module named ``head`` (None: ``model.know_head``, else the last
+    ``nn.Linear`` in ``named_modules()`` order; see know_core.models.find_head); the new one
+    is set on its parent module under the same name.  The initialisation is PyTorch's
+    default for ``nn.Linear`` (uniform in ±1/sqrt(F) for weight and bias) drawn from a CPU
+    generator seeded with ``seed``, so every method gets the identical head for the same seed
+    and feature width, whatever the global RNG state or device (which is left untouched).
+    The new head has the old head's device and dtype.  Returns ``model``.
     """
-    old = model.head
-    if not isinstance(old, nn.Linear):
-        raise TypeError(f"model.head must be nn.Linear, got {type(old).__name__}")
+    name, old = find_head(model, head)
     in_features = old.in_features
     gen = torch.Generator().manual_seed(int(seed))
     bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
     weight = (torch.rand(num_classes, in_features, generator=gen) * 2 - 1) * bound
     bias = (torch.rand(num_classes, generator=gen) * 2 - 1) * bound
     # skip_init: no default init, so the caller's global RNG is not consumed
-    head = nn.utils.skip_init(nn.Linear, in_features, num_classes, bias=True)
+    new = nn.utils.skip_init(nn.Linear, in_features, num_classes, bias=True)
     with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    model.head = head.to(device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    set_module(model, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
     return model
 
 
-def _phase1_trainable(model: nn.Module) -> set[int]:
+def _phase1_trainable(model: nn.Module, head: str | None = None) -> set[int]:
     """ids of parameters trainable in phase 1: the head and every norm layer's affine."""
-    keep = {id(p) for p in model.head.parameters()}
+    keep = {id(p) for p in find_head(model, head)[1].parameters()}
     for m in model.modules():
         if isinstance(m, _NORM_TYPES):
             keep.update(id(p) for p in m.parameters(recurse=False))
@@ -229,10 +233,12 @@ def finetune(
     test: tuple[Tensor, Tensor],
     cfg: FinetuneConfig | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    head: str | None = None,
 ) -> list[dict]:
     """Two-phase transfer of ``model`` to a ``num_classes`` task (method §6); in place.
 
-    1. ``replace_head(model, num_classes, cfg.seed)``.
+    1. ``replace_head(model, num_classes, cfg.seed, head)`` (``head`` None: the model's own,
+       see know_core.models.find_head).
     2. Phase 1, ``cfg.phase1_epochs`` epochs: only the head and the norm layers' affine
        parameters are trainable (BN keeps updating its running stats); Adam at ``lr1``.
     3. Phase 2, ``cfg.phase2_epochs`` epochs: every parameter trainable; a fresh Adam whose
@@ -258,7 +264,8 @@ def finetune(
         raise ValueError("empty training set")
     dev = resolve_device(cfg.device)
 
-    replace_head(model, num_classes, cfg.seed)
+    head_name = find_head(model, head)[0]
+    replace_head(model, num_classes, cfg.seed, head_name)
     model.to(dev)
     params = list(model.parameters())
     original_flags = [p.requires_grad for p in params]
@@ -284,7 +291,7 @@ def finetune(
         try:
             # ---- phase 1: head + norm affine
             if cfg.phase1_epochs > 0:
-                keep = _phase1_trainable(model)
+                keep = _phase1_trainable(model, head_name)
                 for p in params:
                     p.requires_grad_(id(p) in keep)
                 opt = torch.optim.Adam([p for p in params if p.requires_grad],

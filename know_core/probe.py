@@ -3,8 +3,9 @@
 * ``recalibrate_bn`` re-estimate BatchNorm running statistics with a cumulative average over
                      forward passes (no gradients). KNOW shrinks conv kernels, so Θ0's
                      statistics no longer fit a predicted model; this restores them (method §6).
-* ``linear_probe``   frozen backbone, standardised ``forward_features``, multinomial logistic
-                     regression fitted by full-batch L-BFGS.
+* ``linear_probe``   frozen backbone, standardised features (the input of the model's head,
+                     taken by a forward hook, so any architecture works: know_core.models
+                     .find_head), multinomial logistic regression fitted by full-batch L-BFGS.
 
 Example:
     >>> import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .evaluate import _check_pair, _module_modes, _restore_modes, resolve_device
+from .models import head_inputs
 from .train import batch_slices
 
 
@@ -93,10 +95,13 @@ def recalibrate_bn(
 
 
 @torch.no_grad()
-def _features(model: nn.Module, x: Tensor, batch_size: int, dev: torch.device) -> Tensor:
+def _features(model: nn.Module, x: Tensor, batch_size: int, dev: torch.device, head: str | None = None) -> Tensor:
+    """The head's input for every image (a forward hook on the head: any architecture)."""
     out = []
-    for start in range(0, x.shape[0], batch_size):
-        out.append(model.forward_features(x[start:start + batch_size].to(dev)).flatten(1))
+    with head_inputs(model, head) as grab:
+        for start in range(0, x.shape[0], batch_size):
+            model(x[start:start + batch_size].to(dev))
+            out.append(grab())
     if not out:
         raise ValueError("no images to extract features from")
     return torch.cat(out)
@@ -113,12 +118,14 @@ def linear_probe(
     device: str | torch.device | None = None,
     num_classes: int | None = None,
     tol: float = 1e-6,
+    head: str | None = None,
 ) -> dict:
     """Linear-probe accuracy of ``model``'s frozen features.
 
     With ``recalibrate`` the BN statistics are first re-estimated on the training images
-    (on a deep copy: the caller's model is never changed).  Features from
-    ``forward_features`` in eval mode are standardised with the training mean/std, and a
+    (on a deep copy: the caller's model is never changed).  Features, the input of the
+    model's head (``head``; None: the model's own, see know_core.models.find_head) in eval
+    mode, taken by a forward hook, are standardised with the training mean/std, and a
     multinomial logistic regression (weights W, bias b; loss = mean CE + l2/2·||W||²) is
     fitted in float64 by full-batch L-BFGS with strong-Wolfe line search, for at most
     ``max_iter`` iterations or until the largest gradient entry falls below ``tol``.
@@ -137,8 +144,8 @@ def linear_probe(
     net.to(dev)
     net.eval()
     try:
-        ftr = _features(net, xtr, batch_size, dev).double()
-        fte = _features(net, xte, batch_size, dev).double()
+        ftr = _features(net, xtr, batch_size, dev, head).double()
+        fte = _features(net, xte, batch_size, dev, head).double()
     finally:
         _restore_modes(modes)
 

@@ -12,16 +12,17 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import (DataFields, DeviceField, OptimizerField, RunnerFields, StoreField, check_floats,
+from .common import (DataFields, DeviceField, ModelFields, OptimizerField, RunnerFields, StoreField, check_floats,
                      check_learning_rates, check_models, check_one_model, option)
 
 Mode = Literal["independent", "sequential"]
 
 
-class CollectParams(OptimizerField, RunnerFields, DataFields, StoreField):
+class CollectParams(ModelFields, OptimizerField, RunnerFields, DataFields, StoreField):
     """Meta-data collection: a sweep of forgetting trajectories of small models (method §3)."""
 
-    models: str = Field("simple-cnn", description="Comma-separated model names: simple-cnn, mlp, resnet, resnet18")
+    models: str = Field("simple-cnn", description="Comma-separated model names: simple-cnn, mlp, resnet, resnet18, "
+                        "torchvision:NAME, timm:NAME or package.module:callable (--model-kwargs applies to each)")
     runs: int = Field(4, ge=1, description="Runs per model (random sweep) or seeds per grid cell (grid sweep)")
     stages: int = Field(7, ge=2, description="Snapshots per run (the release uses 7; meta-training needs >= 6)")
     sweep: Literal["random", "grid"] = Field(
@@ -91,11 +92,14 @@ class CollectParams(OptimizerField, RunnerFields, DataFields, StoreField):
         return self.batch_size or self.batch_min
 
 
-class TrajectoryParams(OptimizerField, DeviceField, DataFields, StoreField):
+class TrajectoryParams(ModelFields, OptimizerField, DeviceField, DataFields, StoreField):
     """The target model: pre-train Θ0 on the source data, then record its sequential
     forgetting trajectory (method §2)."""
 
-    model: str = Field("simple-cnn", description="simple-cnn | mlp | resnet | resnet18")
+    model: str = Field("simple-cnn", description="simple-cnn | mlp | resnet | resnet18 | torchvision:NAME | "
+                       "timm:NAME | package.module:callable (your own factory, imported by path)")
+    checkpoint: str = Field("", description="State_dict file (.pt, or .safetensors) to start from as Θ0 instead of "
+                            "pre-training (the pretrain_* settings are then unused); its sha256 is part of the run id")
     width: int = Field(0, ge=0, description="Model width; 0 = the architecture's default")
     pretrain_epochs: int = Field(5, ge=1, description="Epochs of source pre-training (gives Θ0)")
     pretrain_lr: float = Field(1e-3, gt=0, description="Adam lr of pre-training")
@@ -111,6 +115,15 @@ class TrajectoryParams(OptimizerField, DeviceField, DataFields, StoreField):
     seed: int = Field(0, ge=0, description="Seed of pre-training and of the subset shuffle")
 
     _model = field_validator("model")(lambda v: check_one_model(v))
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_is_a_file(cls, v: str) -> str:
+        from pathlib import Path
+
+        if v and not Path(v).is_file():
+            raise ValueError("no such file; pass a state_dict saved with torch.save (or a .safetensors file)")
+        return v
 
 
 __all__ = ["CollectParams", "TrajectoryParams", "Mode"]

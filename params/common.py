@@ -11,6 +11,7 @@ it into a ValidationError, and `describe` makes that one line naming the option.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from know_core.data import DATASETS, parse_classes
-from know_core.models import MODELS
+from know_core.models import MODEL_FORMS, MODELS, check_model_name
 
 
 class StageModel(BaseModel):
@@ -100,6 +101,43 @@ class DeviceField(StageModel):
         return check_device(v)
 
 
+class ModelFields(StageModel):
+    """How the model is built beyond its name (know_core.models): its factory's keyword arguments
+    and the module the downstream protocol replaces."""
+
+    model_kwargs: str = Field("", description='Keyword arguments of the model factory, a JSON object, e.g. '
+                              '{"num_classes": 5}; empty = none')
+    head: str = Field("", description="Module the downstream protocol replaces (its input is the linear probe's "
+                      "features), e.g. fc or classifier.1; empty = the model's last nn.Linear")
+
+    _model_kwargs = field_validator("model_kwargs")(lambda v: check_model_kwargs(v))
+
+    @field_validator("head")
+    @classmethod
+    def _head_is_a_module_path(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", v):
+            raise ValueError(f"{v!r} is not a module name (dotted, as in named_modules(): e.g. fc, classifier.1)")
+        return v
+
+    def model_kwargs_dict(self) -> dict:
+        return json.loads(self.model_kwargs) if self.model_kwargs else {}
+
+
+def check_model_kwargs(text: str) -> str:
+    """A JSON object of keyword arguments, returned canonical (sorted keys; '' for none), so
+    equal arguments give equal run ids."""
+    if not text.strip():
+        return ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at character {e.pos}); write a JSON object such as "
+                         '\'{"num_classes": 5}\'') from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object of keyword arguments, not a {type(value).__name__}")
+    return json.dumps(value, sort_keys=True) if value else ""
+
+
 class RunnerFields(DeviceField):
     runner: Literal["thread", "dask"] = Field("thread", description="Task runner for the fan-out: thread | dask")
     workers: int = Field(1, ge=1, description="Parallel training runs (thread pool size or Dask worker processes)")
@@ -126,10 +164,10 @@ def check_device(v: str) -> str:
 def check_models(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
-        raise ValueError(f"name at least one model: {', '.join(MODELS)}")
+        raise ValueError(f"name at least one model: {MODEL_FORMS}")
     for m in names:
         if m not in MODELS:
-            raise ValueError(f"unknown model {m!r}; choose one of: {', '.join(MODELS)}")
+            check_model_name(m)  # torchvision:/timm:/package.module:callable; BadInput (a ValueError) names the problem
     return names
 
 
@@ -156,5 +194,6 @@ def check_floats(text: str, what: str) -> list[float]:
     return values
 
 
-__all__ = ["StageModel", "StoreField", "DataFields", "DeviceField", "RunnerFields", "describe", "option", "check_models",
+__all__ = ["StageModel", "StoreField", "DataFields", "DeviceField", "RunnerFields", "ModelFields", "describe", "option",
+           "check_models", "check_model_kwargs",
            "check_floats", "check_device", "check_one_model", "check_learning_rates"]
