@@ -103,9 +103,11 @@ def print_runs(store: str, run_ids: list[str] | None = None) -> None:
     from storage.trajectory import TrajectoryStore
 
     table = Table("run_id", "status", "model", "dataset", "mode", "r", "lr", "batch", "stages")
+    style = {"complete": "green", "damaged": "bold red", "failed": "red", "running": "yellow"}
     for run in TrajectoryStore(store).runs():
         if run_ids is None or run.run_id in run_ids:
-            table.add_row(run.run_id, run.status, run.model, run.dataset, run.mode, f"{run.sampling_rate:.3g}",
+            status = f"[{style[run.status]}]{run.status}[/]" if run.status in style else run.status
+            table.add_row(run.run_id, status, run.model, run.dataset, run.mode, f"{run.sampling_rate:.3g}",
                           f"{run.lr:.3g}", str(run.batch_size), str(run.n_stages))
     wide_console().print(table)
 

@@ -54,6 +54,8 @@ class RunInfo(_Record):
     spec: dict[str, Any] = Field(default_factory=dict)  # the full RunSpec, as hashed into the run id
     start: str = ""  # checkpoint id of a pre-trained start, "" = seeded init
     optimizer: str = "fresh"  # carry | fresh: whether Adam's state flows across stages
+    checkpoint_sha256: str = ""  # start is a user's state_dict file (tasks/checkpoint.py): its full sha256
+    adam_start: str = ""  # carry regime from a checkpoint: 'checkpoint' (its saved moments) | 'empty' (none: a user file)
 
     def model_spec_obj(self) -> ModelSpec:
         return ModelSpec(**self.model_spec)
@@ -73,6 +75,8 @@ class RunRecord(RunInfo):
     failed_at: str = ""
     error: str = ""
     train_seconds: float | None = None
+    lease_owner: str = ""  # host:pid:token of the writer holding the run (storage/lease.py); "" = none
+    lease_heartbeat: str = ""  # when that writer last said it is alive (UTC ISO)
     versions: dict[str, str] = Field(default_factory=dict)
 
     _layout = field_validator("layout", mode="before")(lambda v: _parse_layout(v))
@@ -127,6 +131,8 @@ class CheckpointInfo(_Record):
     test_acc: float | None = None
     train_seconds: float | None = None
     device: str = ""
+    sha256: str = ""  # imported from a user's state_dict file (tasks/checkpoint.py): the file's full sha256
+    source_file: str = ""  # that file's path when it was imported
 
 
 class CheckpointRecord(CheckpointInfo):
@@ -135,6 +141,9 @@ class CheckpointRecord(CheckpointInfo):
     layout: list[TensorSpec] = Field(default_factory=list)
     created_at: str = ""
     versions: dict[str, str] = Field(default_factory=dict)
+    adam_step: float | None = None  # set when the Adam moments were saved with it (the carry regime)
+    lease_owner: str = ""  # as RunRecord: the writer pre-training it (remote stores), "" = none
+    lease_heartbeat: str = ""
 
     _layout = field_validator("layout", mode="before")(lambda v: _parse_layout(v))
 

@@ -15,6 +15,20 @@ Rows are preallocated and written one whole stage at a time as each snapshot is 
 `stages_written` counts the rows that hold data; `status` goes running -> complete, or
 failed with the error. A run that is not `complete` is wiped and restarted by `begin_run`.
 
+One writer per run (and per checkpoint), enforced by a lease (protocol: storage/lease.py):
+a writer takes `lease_run` before `begin_run`. On a local store the lease is an exclusive
+flock on ``locks/<runs|checkpoints>/<id>.lock`` (free the moment its process dies); every
+record also carries ``lease_owner`` (host:pid:token) and ``lease_heartbeat``, refreshed on
+each `append_stage` and every 10 s, which on a remote store is the whole (weaker) lease:
+dead 60 s after its last heartbeat, or at once when its pid on this host is gone. A writer
+that finds a live lease waits, then skips the run once complete or takes the lease over.
+
+Every chunk carries a crc32c checksum (the last codec; arrays written before it still read).
+Reads of a complete run, prediction or checkpoint need every chunk present and intact: a
+missing, truncated or checksum-failing chunk raises `DamagedRun` (one line naming the run,
+the stage and the chunk file) and marks the item `damaged`, which, like any status but
+`complete`, a re-collect wipes and rewrites. `verify` reads and checks every chunk.
+
 Example:
     >>> store = TrajectoryStore("/tmp/example.zarr")
     >>> store.list_runs()  # doctest: +SKIP
@@ -26,20 +40,24 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import Buffer
+from zarr.core.sync import sync as _zarr_sync
 from zarr.storage import LocalStore
 from zarr.storage._local import _atomic_write  # zarr is pinned to 3.1.x (pyproject)
 
-from know_core.errors import StoreState
+from know_core.errors import StoreState, one_line
 from know_core.layout import TensorSpec, layout_from_json, layout_size, layout_to_json
 from know_core.train import AdamState
 
+from . import lease as _lease
 from .records import CheckpointInfo, CheckpointRecord, PredictionInfo, PredictionRecord, RunInfo, RunRecord
 
 #: default chunk length along the parameter axis (16 MiB of float32). Chosen by
@@ -63,6 +81,72 @@ WRITE_CONFIG = {"write_empty_chunks": True}
 
 class StoreError(StoreState, ValueError):
     """A problem with the store or a run in it; the message is one actionable line."""
+
+
+class DamagedRun(StoreError):
+    """A chunk of a complete run, prediction or checkpoint is missing, truncated or fails its
+    crc32c checksum: it is never read as data. The message is one line naming the run, the
+    stage (row) and the chunk file.
+
+    kind: run | prediction | checkpoint; run_id: the run's id (the checkpoint's id for a
+    checkpoint); name: the prediction's name (the array's for a checkpoint); stage: the row
+    (a prediction's step, 1-based) or None when the whole array is gone; path: the chunk key
+    in the store; reason: what is wrong with it ("fails its checksum", "is missing", ...)."""
+
+    def __init__(self, message: str, *, kind: str = "run", run_id: str = "", name: str = "",
+                 stage: int | None = None, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.kind, self.run_id, self.name, self.stage, self.path, self.reason = kind, run_id, name, stage, path, reason
+
+    def record(self) -> dict[str, Any]:
+        """What the store keeps of the damage in the damaged item's attrs."""
+        return {"kind": self.kind, "run_id": self.run_id, "name": self.name, "stage": self.stage,
+                "path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What a checked read reads (a run, a prediction of a run, a checkpoint): names it in a
+    DamagedRun and says where its status lives."""
+
+    kind: str  # run | prediction | checkpoint
+    owner: str  # run id, or checkpoint id
+    name: str = ""  # prediction name, or the checkpoint's array (weights | adam)
+    target: bool = False  # a run written by `know trajectory` (it has a pre-trained start)
+
+    @property
+    def group(self) -> str:
+        if self.kind == "run":
+            return f"{RUNS}/{self.owner}"
+        if self.kind == "prediction":
+            return f"{PREDICTIONS}/{self.owner}/{self.name}"
+        return f"{CHECKPOINTS}/{self.owner}"
+
+    def damaged(self, url: str, stage: int | None, path: str, reason: str) -> DamagedRun:
+        where = f"chunk {url.rstrip('/')}/{path} {reason}"
+        if self.kind == "run":
+            what = f"stage {stage}" if stage is not None else "its weights array"
+            command = "know trajectory" if self.target else "know collect"
+            message = (f"run {self.owner}: {what} is damaged ({where}); re-collect it (the same `{command}` "
+                       f"command rewrites a damaged run) or delete {url.rstrip('/')}/{RUNS}/{self.owner}")
+        elif self.kind == "prediction":
+            what = f"step {stage}" if stage is not None else "its weights array"
+            message = (f"run {self.owner}: prediction {self.name!r} {what} is damaged ({where}); run the same "
+                       "`know predict` again to rewrite it")
+        else:
+            what = f"{self.name} row {stage}" if stage is not None else f"its {self.name} array"
+            message = (f"checkpoint {self.owner}: {what} is damaged ({where}); run the same `know trajectory` "
+                       "again to pre-train it anew")
+        return DamagedRun(message, kind=self.kind, run_id=self.owner, name=self.name, stage=stage, path=path,
+                          reason=reason)
+
+
+def _recorded_damage(attrs: dict[str, Any], kind: str, owner: str, name: str = "") -> DamagedRun:
+    """The DamagedRun that marked an item 'damaged' (as `mark_damaged` recorded it)."""
+    rec = attrs.get("damage") or {}
+    message = attrs.get("error") or f"{kind} {owner} {name}".strip() + " is damaged; write it again"
+    return DamagedRun(one_line(message), kind=kind, run_id=owner, name=rec.get("name", name),
+                      stage=rec.get("stage"), path=rec.get("path", ""), reason=rec.get("reason", ""))
 
 
 def config_hash(config: dict[str, Any], length: int = 16) -> str:
@@ -119,13 +203,18 @@ class PreallocatingLocalStore(LocalStore):
 def _put_preallocated(path: Path, value: Buffer, exclusive: bool = False) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     view = memoryview(value.as_buffer_like()).cast("B")
-    with _atomic_write(path, "wb", exclusive=exclusive) as f:
-        if view.nbytes >= PREALLOCATE_MIN_BYTES:
-            try:
-                os.posix_fallocate(f.fileno(), 0, view.nbytes)
-            except OSError:
-                pass
-        return f.write(view)
+    try:
+        with _atomic_write(path, "wb", exclusive=exclusive) as f:
+            if view.nbytes >= PREALLOCATE_MIN_BYTES:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, view.nbytes)
+                except OSError:
+                    pass
+            return f.write(view)
+    except OSError as e:
+        if e.filename is None:  # a failed write (ENOSPC, EDQUOT) names no file: name the one written
+            e.filename = str(path)
+        raise
 
 
 class TrajectoryStore:
@@ -167,8 +256,22 @@ class TrajectoryStore:
         chunks = (1,) * (len(shape) - 1) + (min(chunk or self.chunk, max(shape[-1], 1)),)
         return self.root.create_array(
             path, shape=shape, chunks=chunks, dtype="float32", fill_value=fill,
-            compressors=self.compressors, attributes=attrs, overwrite=True, config=WRITE_CONFIG,
+            compressors=self._bytes_codecs(), attributes=attrs, overwrite=True, config=WRITE_CONFIG,
         )
+
+    def _bytes_codecs(self) -> tuple:
+        """The array's bytes-to-bytes codecs: the configured compressors (none by default), then
+        a crc32c checksum of every chunk as written, so a flipped or lost byte is an error on
+        read and never data. Arrays written before carry none; they still read."""
+        given = self.compressors
+        if given is None:
+            given = ()
+        elif isinstance(given, str) and given == "auto":  # zarr's default compressor
+            given = zarr.core.array.default_compressors_v3(zarr.core.dtype.parse_dtype("float32", zarr_format=3))
+        elif isinstance(given, (dict, zarr.abc.codec.Codec)):
+            given = (given,)
+        given = tuple(c for c in given if not isinstance(c, Crc32cCodec) and c != {"name": "crc32c"})
+        return (*given, Crc32cCodec())
 
     def _write_row(self, arr: zarr.Array, row: int, vector: np.ndarray) -> None:
         """arr[row, :] = vector. On a local store, one zarr call per chunk: zarr 3.1 writes a
@@ -193,6 +296,113 @@ class TrajectoryStore:
         if name in grp:
             del grp[name]
 
+    # -- checked reads: a damaged chunk is an error, never data --------------------------
+    @staticmethod
+    def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+        return f"{arr.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(coords)}"
+
+    @staticmethod
+    def _listing(arr: zarr.Array) -> set[str]:
+        """Every key stored under the array: one listing (a directory walk, one S3 LIST)."""
+        async def keys() -> set[str]:
+            return {k async for k in arr.store.list_prefix(f"{arr.path}/")}
+
+        return _zarr_sync(keys())
+
+    def _node(self, held: _Held, path: str) -> zarr.Array:
+        """The array at `path` of a complete item; its absence is damage, not a KeyError."""
+        try:
+            node = self.root[path]
+        except KeyError:
+            node = None
+        if not isinstance(node, zarr.Array):
+            raise self._report(held.damaged(self.url, None, f"{path}/zarr.json", "is missing"))
+        return node
+
+    @staticmethod
+    def _cells(arr: zarr.Array, stages, c0: int, c1: int) -> tuple[np.ndarray, range]:
+        """The rows `stages` selects and the column-chunk indices [c0, c1) spans."""
+        rows = np.atleast_1d(np.arange(arr.shape[0])[stages])
+        step = arr.chunks[-1]
+        return rows, range(c0 // step, -(-c1 // step) if c1 > c0 else c0 // step)
+
+    def _read(self, held: _Held, arr: zarr.Array, stages, c0: int = 0, c1: int | None = None,
+              complete: bool = True, listing: set[str] | None = None, row_base: int = 0) -> np.ndarray:
+        """arr[stages, c0:c1], or a DamagedRun naming the first bad chunk. A complete item must
+        hold every chunk it is read from (zarr would fill a missing one with NaN); a chunk that
+        does not decode (truncated, crc32c mismatch) is damage whatever the item's status.
+        `listing` reuses one listing over many reads; `row_base` numbers rows in messages."""
+        c1 = arr.shape[-1] if c1 is None else min(c1, arr.shape[-1])
+        rows, cols = self._cells(arr, stages, c0, c1)
+        if complete:
+            have = self._listing(arr) if listing is None else listing
+            for r in rows:
+                for j in cols:
+                    key = self._chunk_key(arr, (int(r), j))
+                    if key not in have:
+                        raise self._report(held.damaged(self.url, int(r) + row_base, key, "is missing"))
+        try:
+            return np.asarray(arr[stages, c0:c1])
+        except (OSError, MemoryError):
+            raise  # I/O trouble (permissions, network) is not damage
+        except Exception as e:  # noqa: BLE001 - zarr raises ValueError/RuntimeError for bad chunk bytes
+            damage = self._locate(held, arr, rows, cols, row_base)
+            if damage is None:
+                raise
+            raise self._report(damage) from e
+
+    def _locate(self, held: _Held, arr: zarr.Array, rows: np.ndarray, cols: range, row_base: int) -> DamagedRun | None:
+        """Read the chunks one by one (only after a read failed) to name the first bad one."""
+        step, n = arr.chunks[-1], arr.shape[-1]
+        for r in rows:
+            for j in cols:
+                try:
+                    arr[int(r) : int(r) + 1, j * step : min((j + 1) * step, n)]
+                except (OSError, MemoryError):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    key = self._chunk_key(arr, (int(r), j))
+                    return held.damaged(self.url, int(r) + row_base, key, self._reason(arr, key, e))
+        return None
+
+    @staticmethod
+    def _reason(arr: zarr.Array, key: str, error: Exception) -> str:
+        """Why a chunk does not decode, in a few words."""
+        codecs = arr.metadata.codecs
+        if all(type(c).__name__ in ("BytesCodec", "Crc32cCodec") for c in codecs):  # fixed size when stored
+            expected = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+            expected += 4 * sum(isinstance(c, Crc32cCodec) for c in codecs)
+            try:
+                size = _zarr_sync(arr.store.getsize(key))
+            except Exception:  # noqa: BLE001
+                size = None
+            if size is not None and size != expected:
+                return f"is truncated ({size} of {expected} bytes)" if size < expected else \
+                    f"has the wrong size ({size} bytes, not {expected})"
+        if "checksum" in str(error):
+            return "fails its checksum"
+        return f"cannot be decoded ({type(error).__name__}: {one_line(error)})"
+
+    def _report(self, damage: DamagedRun) -> DamagedRun:
+        """Mark the damaged item (best effort: a read-only store stays as it is) and return the error."""
+        try:
+            self.mark_damaged(damage)
+        except Exception:  # noqa: BLE001 - the one-line error matters more than the mark
+            pass
+        return damage
+
+    def mark_damaged(self, damage: DamagedRun) -> bool:
+        """Set a complete run, prediction or checkpoint to status 'damaged', keeping the one-line
+        error and what was damaged; a re-collect (re-predict, re-pre-train) then rewrites it,
+        as it rewrites any item that is not complete. False when nothing was marked."""
+        held = _Held(damage.kind, damage.run_id, damage.name if damage.kind == "prediction" else "")
+        g = self._group(held.group)
+        if g is None or g.attrs.get("status") != "complete":
+            return False
+        g.update_attributes({"status": "damaged", "error": str(damage)[:2000], "damaged_at": _now(),
+                             "damage": damage.record()})
+        return True
+
     # -- runs -----------------------------------------------------------------------
     def run_attrs(self, run_id: str) -> dict[str, Any] | None:
         """The run's raw attrs (storage's own view; other layers use `run`)."""
@@ -212,45 +422,267 @@ class TrajectoryStore:
         run = self.run(run_id)
         if run is None:
             raise StoreError(f"run {run_id!r} does not exist in store {self.url}; list runs with `know runs --store {self.url}`")
+        if complete and run.status == "damaged":
+            raise _recorded_damage(self.run_attrs(run_id) or {}, "run", run_id)
         if complete and not run.is_complete:
             raise StoreError(f"run {run_id!r} is {run.status!r}, not complete; finish it with `know collect` first")
         return run
 
     def begin_run(self, run_id: str, info: RunInfo | dict[str, Any], layout: list[TensorSpec], n_stages: int) -> zarr.Array:
-        """(Re)create a run in state `running`, wiping any incomplete earlier attempt."""
+        """(Re)create a run in state `running`, wiping any incomplete earlier attempt and its
+        error. Holding the run's lease (`lease_run`), the record names it; without the lease,
+        a run that another live writer holds is never wiped (StoreError)."""
+        path = f"{RUNS}/{run_id}"
         if self.run_status(run_id) == "complete":
             raise StoreError(f"run {run_id} is already complete; refusing to overwrite it")
+        lease = self._held_lease(path)
+        if lease is None:
+            holder = self._live_holder(path)
+            if holder is not None:
+                raise StoreError(f"run {run_id} is being written by {holder}; refusing to wipe it "
+                                 "(wait for that process to end, or stop it)")
         info = info if isinstance(info, RunInfo) else RunInfo.model_validate(info)
-        self.root.require_group(RUNS)
-        self._delete(f"{RUNS}/{run_id}")
-        group = self.root.create_group(f"{RUNS}/{run_id}")
-        arr = self._array(f"{RUNS}/{run_id}/weights", (n_stages, layout_size(layout)), {})
-        group.update_attributes({
-            **info.attrs(), "run_id": run_id, "status": "running", "stages_written": 0,
-            "n_stages": n_stages, "n_params": layout_size(layout), "layout": json.loads(layout_to_json(layout)),
-            "created_at": _now(), "versions": versions(),
-        })
+        with self._lease_lock(lease):
+            if lease is not None and self._lock_path(path) is None:  # remote: the record is the lease
+                self._fence(lease, self.run_attrs(run_id) or {})
+            self.root.require_group(RUNS)
+            group = self._group(path)
+            if group is None:
+                self._delete(path)
+                group = self.root.create_group(path)
+            else:  # keep the node (on a remote store its attrs hold the lease), drop its arrays
+                for name in list(group.keys()):
+                    self._delete(f"{path}/{name}")
+            arr = self._array(f"{path}/weights", (n_stages, layout_size(layout)), {})
+            self.root[path].attrs.put({  # every attr replaced: nothing of an earlier attempt stays
+                **info.attrs(), "run_id": run_id, "status": "running", "stages_written": 0,
+                "n_stages": n_stages, "n_params": layout_size(layout), "layout": json.loads(layout_to_json(layout)),
+                "created_at": _now(), "versions": versions(), **self._lease_fields(lease),
+            })
         return arr
 
     def append_stage(self, run_id: str, stage: int, vector: np.ndarray) -> None:
-        """Write one whole snapshot row; stages must arrive in order."""
-        group = self.root[f"{RUNS}/{run_id}"]
-        written = group.attrs["stages_written"]
+        """Write one whole snapshot row; stages must arrive in order. Holding the lease, the
+        heartbeat is refreshed, and the record must still name this writer (LeaseLost if
+        another one took the run over)."""
+        path = f"{RUNS}/{run_id}"
+        lease = self._held_lease(path)
+        with self._lease_lock(lease):
+            group = self.root[path]
+            self._fence(lease, group.attrs)
+            written = group.attrs["stages_written"]
+            if stage != written:
+                raise StoreError(f"run {run_id}: got stage {stage}, expected stage {written}")
+            self._write_row(group["weights"], stage, vector)
+            if lease is not None:
+                group = self.root[path]
+                self._fence(lease, group.attrs)
+            group.update_attributes({"stages_written": stage + 1, **self._lease_fields(lease)})
+
+    def append_stage_blocks(self, run_id: str, stage: int, blocks) -> None:
+        """append_stage for a row too large to hold: `blocks` yields consecutive pieces of the
+        row (any lengths, in column order). Each chunk is written once, whole, as soon as the
+        pieces fill it, so memory is one chunk plus one piece. The row counts as written (and
+        the record is fenced, as in append_stage) only after its last column; the lease lock is
+        not held in between, so the heartbeat goes on while the pieces are produced."""
+        path = f"{RUNS}/{run_id}"
+        lease = self._held_lease(path)
+        with self._lease_lock(lease):
+            group = self.root[path]
+            self._fence(lease, group.attrs)
+            written = group.attrs["stages_written"]
         if stage != written:
             raise StoreError(f"run {run_id}: got stage {stage}, expected stage {written}")
-        self._write_row(group["weights"], stage, vector)
-        group.attrs["stages_written"] = stage + 1
+        arr = self.weights(run_id).with_config(WRITE_CONFIG)
+        n, step = arr.shape[1], arr.chunks[-1]
+        buf, fill, c0 = np.empty(min(step, n), dtype=np.float32), 0, 0  # buf[:fill] = columns c0.. of the row
+        for block in blocks:
+            block = np.asarray(block, dtype=np.float32).reshape(-1)
+            i = 0
+            while i < block.size:
+                need = min(step, n - c0)  # the chunk at c0 (the last one may be shorter)
+                if need == 0:
+                    raise StoreError(f"run {run_id}: stage {stage} got more than its {n} values")
+                if fill == 0 and block.size - i >= need:  # a whole chunk inside this piece: no copy
+                    arr[stage : stage + 1, c0 : c0 + need] = block[None, i : i + need]
+                    i, c0 = i + need, c0 + need
+                    continue
+                take = min(need - fill, block.size - i)
+                buf[fill : fill + take] = block[i : i + take]
+                fill, i = fill + take, i + take
+                if fill == need:
+                    arr[stage : stage + 1, c0 : c0 + need] = buf[None, :need]
+                    c0, fill = c0 + need, 0
+        if c0 != n:
+            raise StoreError(f"run {run_id}: stage {stage} got {c0 + fill} of its {n} values")
+        with self._lease_lock(lease):
+            group = self.root[path]
+            self._fence(lease, group.attrs)
+            group.update_attributes({"stages_written": stage + 1, **self._lease_fields(lease)})
 
     def finish_run(self, run_id: str, **extra: Any) -> None:
-        group = self.root[f"{RUNS}/{run_id}"]
-        if group.attrs["stages_written"] != group.attrs["n_stages"]:
-            raise StoreError(f"run {run_id}: {group.attrs['stages_written']} of {group.attrs['n_stages']} stages written")
-        group.update_attributes({**extra, "status": "complete", "completed_at": _now()})
+        """Mark a fully written run complete; its lease fields and any stale error are dropped."""
+        path = f"{RUNS}/{run_id}"
+        lease = self._held_lease(path)
+        with self._lease_lock(lease):
+            group = self.root[path]
+            attrs = dict(group.attrs)
+            self._fence(lease, attrs)
+            if attrs["stages_written"] != attrs["n_stages"]:
+                raise StoreError(f"run {run_id}: {attrs['stages_written']} of {attrs['n_stages']} stages written")
+            for key in (*_lease.LEASE_FIELDS, "error", "failed_at"):
+                attrs.pop(key, None)
+            group.attrs.put({**attrs, **extra, "status": "complete", "completed_at": _now()})
 
     def fail_run(self, run_id: str, error: str) -> None:
-        g = self._group(f"{RUNS}/{run_id}")
-        if g is not None and g.attrs.get("status") != "complete":
-            g.update_attributes({"status": "failed", "error": error[:2000], "failed_at": _now()})
+        """Mark a run failed with its error; never a complete run, nor one that another live
+        writer holds (a writer that lost its lease leaves the run to the new one)."""
+        path = f"{RUNS}/{run_id}"
+        lease = self._held_lease(path)
+        with self._lease_lock(lease):
+            g = self._group(path)
+            if g is None or g.attrs.get("status") == "complete":
+                return
+            attrs = dict(g.attrs)
+            owner = attrs.get("lease_owner")
+            if lease is not None:
+                if owner and owner != str(lease.owner):
+                    return
+            elif self._live_holder(path) is not None:
+                return
+            for key in _lease.LEASE_FIELDS:
+                attrs.pop(key, None)
+            g.attrs.put({**attrs, "status": "failed", "error": error[:2000], "failed_at": _now()})
+
+    # -- leases: one live writer per run or checkpoint (the protocol: storage/lease.py) -----
+    def lease_run(self, run_id: str, log: Any = None, timeout: float | None = None) -> _lease.Lease | None:
+        """Take the lease of a run before (re)writing it, waiting while a live writer holds it.
+        None when the run is complete (or became complete while waiting): skip it. Otherwise
+        the Lease (a context manager): hold it from `begin_run` to `finish_run`/`fail_run`.
+        A dead writer's lease is taken over (`lease.previous` names it). `log` gets a line when
+        waiting starts; `timeout` (s): LeaseBusy instead of waiting longer."""
+        return self._lease(f"{RUNS}/{run_id}", f"run {run_id}", lambda: self.run_status(run_id) == "complete",
+                           {"run_id": run_id, "status": "running", "stages_written": 0, "n_stages": 0}, log, timeout)
+
+    def lease_checkpoint(self, ckpt_id: str, done: Any = None, log: Any = None,
+                         timeout: float | None = None) -> _lease.Lease | None:
+        """As lease_run, for pre-training checkpoint `ckpt_id`; `done()` (default: it is
+        complete) says when it needs no writing."""
+        if done is None:
+            def done() -> bool:
+                return (self.checkpoint_attrs(ckpt_id) or {}).get("status") == "complete"
+        return self._lease(f"{CHECKPOINTS}/{ckpt_id}", f"checkpoint {ckpt_id}", done, {"status": "running"}, log,
+                           timeout)
+
+    def lease_holder(self, kind: str, item_id: str) -> str | None:
+        """`host:pid:token` of the live writer holding a run's (kind 'runs') or checkpoint's
+        ('checkpoints') lease, or None."""
+        return self._live_holder(f"{kind}/{item_id}")
+
+    def _lease(self, path: str, name: str, done, placeholder: dict[str, Any], log, timeout) -> _lease.Lease | None:
+        if self._held_lease(path) is not None:
+            raise StoreError(f"{name}: this store handle already holds its lease")
+        lease = _lease.acquire(lambda: self._try_lease(path, name, placeholder), done, name, log, timeout)
+        if lease is not None:
+            table = self._held_leases()
+            table[path] = lease
+            lease._on_release = lambda: table.pop(path, None) if table.get(path) is lease else None
+        return lease
+
+    def _held_leases(self) -> dict[str, _lease.Lease]:
+        return self.__dict__.setdefault("_leases", {})
+
+    def _held_lease(self, path: str) -> _lease.Lease | None:
+        lease = self._held_leases().get(path)
+        return lease if lease is not None and not lease.released else None
+
+    @staticmethod
+    def _lease_lock(lease: _lease.Lease | None):
+        return _lease.NO_LOCK if lease is None else lease.lock
+
+    @staticmethod
+    def _lease_fields(lease: _lease.Lease | None) -> dict[str, str]:
+        return {} if lease is None else {"lease_owner": str(lease.owner), "lease_heartbeat": _lease.now_iso()}
+
+    @staticmethod
+    def _fence(lease: _lease.Lease | None, attrs) -> None:
+        """LeaseLost unless the record still names the lease (no-op without one)."""
+        if lease is None:
+            return
+        if attrs.get("lease_owner") != str(lease.owner):
+            lease.lost = True
+        lease.check()
+
+    def _lock_path(self, path: str) -> Path | None:
+        """<store>/locks/<path>.lock on a local store; None on a remote one (record lease only)."""
+        if _is_url(self.url) or not _lease.lock_files_supported():
+            return None
+        return Path(self.url) / _lease.LOCK_DIR / f"{path}.lock"
+
+    def _live_holder(self, path: str) -> str | None:
+        """The live writer holding the lease of `path` (runs/<id>, checkpoints/<id>), or None."""
+        lock = self._lock_path(path)
+        if lock is not None:
+            return _lease.LockFile.holder(lock)
+        attrs = self._attrs_at(path)
+        if attrs.get("status") == "complete":
+            return None
+        owner = attrs.get("lease_owner")
+        return str(owner) if _lease.record_lease_live(owner, attrs.get("lease_heartbeat")) else None
+
+    def _try_lease(self, path: str, name: str, placeholder: dict[str, Any]) -> tuple[_lease.Lease | None, str]:
+        """One attempt at the lease of `path`: (the Lease, '') or (None, who holds it)."""
+        owner = _lease.Owner.new()
+        lock = self._lock_path(path)
+        lock_file = None
+        if lock is not None:  # local: an exclusive flock, dropped by the kernel when its holder dies
+            if not (Path(self.url) / _lease.LOCK_DIR / "zarr.json").exists():
+                self.root.require_group(_lease.LOCK_DIR)  # a group, so the store's tree stays plain Zarr
+            lock_file = _lease.LockFile(lock)
+            if not lock_file.acquire(owner):
+                return None, _lease.LockFile.holder(lock) or "another process"
+            try:
+                attrs = self._attrs_at(path)
+            except BaseException:
+                lock_file.release()
+                raise
+        else:  # remote: write the record lease, read it back after a pause
+            g = self._group(path)
+            attrs = {} if g is None else dict(g.attrs)
+            current = attrs.get("lease_owner")
+            if attrs.get("status") != "complete" and _lease.record_lease_live(current, attrs.get("lease_heartbeat")):
+                return None, str(current)
+            fields = {"lease_owner": str(owner), "lease_heartbeat": _lease.now_iso()}
+            if g is None:
+                self.root.require_group(path.rpartition("/")[0])
+                g = self.root.require_group(path)
+                g.update_attributes({**placeholder, **fields} if not g.attrs else fields)
+            else:
+                g.update_attributes(fields)
+            _lease.confirm_pause()
+            now = self._attrs_at(path).get("lease_owner")
+            if now != str(owner):
+                return None, str(now or "another writer")
+        previous = attrs.get("lease_owner") if attrs.get("status") != "complete" else None
+        previous = str(previous) if previous and previous != str(owner) else ""
+        return _lease.Lease(name, owner, lock_file, beat=lambda: self._beat(path, owner, remote=lock is None),
+                            previous=previous), ""
+
+    def _attrs_at(self, path: str) -> dict[str, Any]:
+        g = self._group(path)
+        return {} if g is None else dict(g.attrs)
+
+    def _beat(self, path: str, owner: _lease.Owner, remote: bool) -> bool:
+        """The heartbeat: refresh the record's lease_heartbeat while it names `owner`. False
+        when the lease was lost (remote stores: the record names another writer)."""
+        g = self._group(path)
+        if g is None or g.attrs.get("status") == "complete":
+            return True
+        current = g.attrs.get("lease_owner")
+        if current == str(owner):
+            g.update_attributes({"lease_heartbeat": _lease.now_iso()})
+            return True
+        return not (remote and current)
 
     def run_ids(self) -> list[str]:
         g = self._group(RUNS)
@@ -276,12 +708,29 @@ class TrajectoryStore:
 
         return da.from_zarr(self.weights(run_id))
 
+    def _run_source(self, run_id: str) -> tuple[_Held, zarr.Array, bool]:
+        """(what it is, its weights, whether every chunk must be there) for a checked read of a
+        run. A run marked damaged is read as a complete one: its intact chunks still read (a
+        tensor elsewhere in the row), its damaged ones raise again."""
+        attrs = self.run_attrs(run_id)
+        if attrs is None:
+            raise StoreError(f"run {run_id!r} does not exist in store {self.url}; list runs with `know runs --store {self.url}`")
+        held = _Held("run", run_id, target=bool(attrs.get("start")))
+        complete = attrs.get("status") in ("complete", "damaged")
+        arr = self._node(held, f"{RUNS}/{run_id}/weights") if complete else self.weights(run_id)
+        return held, arr, complete
+
     def read_stages(self, run_id: str, stages=slice(None)) -> np.ndarray:
-        return np.asarray(self.weights(run_id)[stages, :])
+        """Rows `stages` of the run's weights. For a complete run every chunk must be there and
+        decode (crc32c): otherwise a DamagedRun names the stage and chunk, and the run is marked
+        damaged. Rows of an unfinished run not yet written read as NaN."""
+        held, arr, complete = self._run_source(run_id)
+        return self._read(held, arr, stages, complete=complete)
 
     def read_tensor(self, run_id: str, spec: TensorSpec, stages=slice(None)) -> np.ndarray:
-        """Rows `stages` of one tensor, (n, size): reads only the chunks that hold it."""
-        return np.asarray(self.weights(run_id)[stages, spec.offset : spec.stop])
+        """Rows `stages` of one tensor, (n, size): reads (and checks) only the chunks that hold it."""
+        held, arr, complete = self._run_source(run_id)
+        return self._read(held, arr, stages, spec.offset, spec.stop, complete=complete)
 
     @staticmethod
     def block_length(chunk: int, max_values: int) -> int:
@@ -293,11 +742,13 @@ class TrajectoryStore:
 
         Memory stays bounded by `max_values` columns whatever the model size, and each
         block covers whole chunks, so the matching prediction write is whole-chunk too.
+        Blocks are checked as read_stages checks rows (one chunk listing for all of them).
         """
-        arr = self.weights(run_id)
+        held, arr, complete = self._run_source(run_id)
+        listing = self._listing(arr) if complete else None
         step = self.block_length(arr.chunks[-1], max_values)
         for c0 in range(0, arr.shape[1], step):
-            yield c0, np.asarray(arr[stages, c0 : c0 + step])
+            yield c0, self._read(held, arr, stages, c0, c0 + step, complete=complete, listing=listing)
 
     # -- checkpoints (pre-trained start points) ------------------------------------------
     def checkpoint_attrs(self, ckpt_id: str) -> dict[str, Any] | None:
@@ -329,21 +780,33 @@ class TrajectoryStore:
 
     def load_optimizer_state(self, ckpt_id: str) -> AdamState | None:
         """The Adam moments saved with a complete checkpoint, or None (none were saved)."""
-        attrs = self.checkpoint_attrs(ckpt_id)
-        if attrs is None or attrs.get("status") != "complete":
-            raise StoreError(f"checkpoint {ckpt_id!r} not found in store {self.url}")
+        attrs = self._complete_checkpoint(ckpt_id)
         path = f"{CHECKPOINTS}/{ckpt_id}/adam"
-        if "adam_step" not in attrs or "adam" not in self.root[f"{CHECKPOINTS}/{ckpt_id}"]:
+        if "adam_step" not in attrs:
             return None
-        arr = np.asarray(self.root[path][:, :])
+        held = _Held("checkpoint", ckpt_id, "adam")
+        arr = self._read(held, self._node(held, path), slice(None))
         return AdamState(arr[0].copy(), arr[1].copy(), float(attrs["adam_step"]))
 
     def load_checkpoint(self, ckpt_id: str) -> tuple[np.ndarray, list[TensorSpec], dict[str, Any]]:
+        """(weights, layout, attrs) of a complete checkpoint; a missing, truncated or corrupt
+        chunk is a DamagedRun (and marks the checkpoint damaged)."""
+        attrs = self._complete_checkpoint(ckpt_id)
+        held = _Held("checkpoint", ckpt_id, "weights")
+        vec = self._read(held, self._node(held, f"{CHECKPOINTS}/{ckpt_id}/weights"), 0)
+        return vec, layout_from_json(attrs.pop("layout")), attrs
+
+    def _complete_checkpoint(self, ckpt_id: str) -> dict[str, Any]:
         attrs = self.checkpoint_attrs(ckpt_id)
+        if attrs is not None and attrs.get("status") == "damaged":
+            raise _recorded_damage(attrs, "checkpoint", ckpt_id)
         if attrs is None or attrs.get("status") != "complete":
             raise StoreError(f"checkpoint {ckpt_id!r} not found in store {self.url}")
-        vec = np.asarray(self.root[f"{CHECKPOINTS}/{ckpt_id}/weights"][0, :])
-        return vec, layout_from_json(attrs.pop("layout")), attrs
+        return attrs
+
+    def checkpoint_ids(self) -> list[str]:
+        g = self._group(CHECKPOINTS)
+        return sorted(g.group_keys()) if g is not None else []
 
     # -- predictions ----------------------------------------------------------------
     def prediction_path(self, run_id: str, predictor: str) -> str:
@@ -387,15 +850,84 @@ class TrajectoryStore:
     def read_prediction(self, run_id: str, predictor: str, step: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Prediction row `step` (1-based: step 1 = the first x(1/r) factor)."""
         attrs = self.prediction_attrs(run_id, predictor)
+        if attrs is not None and attrs.get("status") == "damaged":
+            raise _recorded_damage(attrs, "prediction", run_id, predictor)
         if attrs is None or attrs.get("status") != "complete":
             have = [n for n in self.prediction_names(run_id)
                     if (self.prediction_attrs(run_id, n) or {}).get("status") == "complete"]
             hint = f" (it has: {', '.join(have)})" if have else ""
             raise StoreError(f"no complete prediction {predictor!r} for run {run_id}{hint}; run `know predict` first")
-        arr = self.root[f"{self.prediction_path(run_id, predictor)}/weights"]
+        held = _Held("prediction", run_id, predictor)
+        arr = self._node(held, f"{self.prediction_path(run_id, predictor)}/weights")
         if not 1 <= step <= arr.shape[0]:
             raise StoreError(f"step {step} out of range; prediction {predictor!r} has steps 1..{arr.shape[0]}")
-        return np.asarray(arr[step - 1, :]), attrs
+        return self._read(held, arr, step - 1, row_base=1), attrs
+
+    # -- verification ---------------------------------------------------------------
+    def _verify_array(self, held: _Held, path: str, row_base: int = 0, max_values: int = 1 << 24) -> DamagedRun | None:
+        """Read every chunk of one complete array (a row block at a time); the damage found, or None."""
+        try:
+            arr = self._node(held, path)
+            listing = self._listing(arr)
+            step = self.block_length(arr.chunks[-1], max_values)
+            for r in range(arr.shape[0]):
+                for c0 in range(0, arr.shape[1], step):
+                    self._read(held, arr, r, c0, c0 + step, listing=listing, row_base=row_base)
+        except DamagedRun as e:
+            return e
+        return None
+
+    def verify(self) -> Verification:
+        """Read every chunk of every complete run, prediction and checkpoint. Each damaged one
+        (a missing, truncated or checksum-failing chunk) is marked 'damaged' with its one-line
+        error, so a re-collect rewrites it; items already marked damaged are reported as such."""
+        out = Verification()
+        for run in self.runs():
+            if run.status == "damaged":
+                out.damaged.append(_recorded_damage(self.run_attrs(run.run_id) or {}, "run", run.run_id))
+            elif run.is_complete:
+                out.runs += 1
+                damage = self._verify_array(_Held("run", run.run_id, target=bool(run.start)), f"{RUNS}/{run.run_id}/weights")
+                if damage is not None:
+                    out.damaged.append(damage)
+            for name in self.prediction_names(run.run_id):
+                attrs = self.prediction_attrs(run.run_id, name) or {}
+                if attrs.get("status") == "damaged":
+                    out.damaged.append(_recorded_damage(attrs, "prediction", run.run_id, name))
+                elif attrs.get("status") == "complete":
+                    out.predictions += 1
+                    damage = self._verify_array(_Held("prediction", run.run_id, name),
+                                                f"{self.prediction_path(run.run_id, name)}/weights", row_base=1)
+                    if damage is not None:
+                        out.damaged.append(damage)
+        for ckpt in self.checkpoint_ids():
+            attrs = self.checkpoint_attrs(ckpt) or {}
+            if attrs.get("status") == "damaged":
+                out.damaged.append(_recorded_damage(attrs, "checkpoint", ckpt))
+            elif attrs.get("status") == "complete":
+                out.checkpoints += 1
+                arrays = ["weights"] + (["adam"] if "adam_step" in attrs else [])
+                for name in arrays:
+                    damage = self._verify_array(_Held("checkpoint", ckpt, name), f"{CHECKPOINTS}/{ckpt}/{name}")
+                    if damage is not None:
+                        out.damaged.append(damage)
+                        break
+        return out
+
+
+@dataclass
+class Verification:
+    """What `TrajectoryStore.verify` read: how many complete runs, predictions and checkpoints,
+    and the damage found (one DamagedRun per damaged item, in store order)."""
+
+    runs: int = 0
+    predictions: int = 0
+    checkpoints: int = 0
+    damaged: list[DamagedRun] = dataclass_field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
 
 
 def s3_options_from_env() -> dict[str, Any] | None:
@@ -404,5 +936,5 @@ def s3_options_from_env() -> dict[str, Any] | None:
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else None
 
 
-__all__ = ["TrajectoryStore", "StoreError", "config_hash", "versions", "DEFAULT_CHUNK", "RunInfo", "RunRecord",
+__all__ = ["TrajectoryStore", "StoreError", "DamagedRun", "Verification", "config_hash", "versions", "DEFAULT_CHUNK", "RunInfo", "RunRecord",
            "PredictionInfo", "PredictionRecord", "CheckpointInfo", "CheckpointRecord"]

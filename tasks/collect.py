@@ -3,6 +3,11 @@
 The store is the cache here: a run whose status is `complete` is skipped (its chunks are
 not touched), a `running` or `failed` one is wiped and restarted. That makes a retried or
 resumed flow run continue where it stopped, even after the worker process was killed.
+
+One writer per run: a task takes the run's lease (storage/lease.py) before writing it. A run
+that a live process is writing is waited for, then skipped once complete (or taken over if
+that process dies); it is never wiped under its writer. Checkpoints are leased the same way,
+so two experiments that need the same pre-trained start train it once.
 """
 from __future__ import annotations
 
@@ -17,11 +22,12 @@ from know_core.layout import flatten_state, param_layout, unflatten_state
 from know_core.models import ModelSpec, build_seeded
 from know_core.errors import NonFinite, StoreState
 from know_core.train import AdamState, TrainConfig, accuracy, iter_trajectory, pick_device, train_epochs
+from storage.lease import Lease, LeaseLost
 from storage.records import CheckpointInfo
 from storage.trajectory import TrajectoryStore, config_hash
 
 from .common import run_logger, retry_unless_bad_input, set_torch_threads
-from .specs import DataSpec, RunSpec
+from .specs import DataSpec, ModelChoice, RunSpec
 
 
 @task(name="train-trajectory", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
@@ -34,16 +40,32 @@ def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: in
     set_torch_threads(threads)
     store = TrajectoryStore(store_url)
     run_id = spec.run_id
-    status = store.run_status(run_id)
-    if status == "complete":
+    if store.run_status(run_id) == "complete":
         log.info("run %s already complete: skipped", run_id)
         return run_id
-    if status is not None:
-        log.info("run %s was %r: restarting it from scratch", run_id, status)
 
     data = spec.load("train")
     cfg = spec.trajectory_config(device)
     cfg.validate(len(data))  # bad input fails here, before anything is written
+    while True:
+        lease = store.lease_run(run_id, log=log)  # waits while another live process writes the run
+        if lease is None:
+            log.info("run %s already complete (written by another process): skipped", run_id)
+            return run_id
+        with lease:
+            try:
+                return _write_run(store, spec, data, cfg, lease, log)
+            except LeaseLost as e:  # another writer took it over: wait for it, as for any live writer
+                log.warning("%s; waiting for that writer", e)
+
+
+def _write_run(store: TrajectoryStore, spec: RunSpec, data, cfg, lease: Lease, log) -> str:
+    """Train the run from scratch into the store, holding its lease."""
+    run_id = spec.run_id
+    status = store.run_status(run_id)
+    if status is not None:
+        gone = f" (took over the lease of {lease.previous}: that writer is gone)" if lease.previous else ""
+        log.info("run %s was %r: restarting it from scratch%s", run_id, status, gone)
     model = spec.build_model(data)
     adam = None
     if spec.start:
@@ -51,7 +73,7 @@ def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: in
         model.load_state_dict(unflatten_state(vec, layout0))
         if spec.optimizer == "carry" and spec.mode == "sequential":
             adam = store.load_optimizer_state(spec.start)
-            if adam is None:
+            if adam is None and spec.start.startswith("pre-"):  # a user's file (file-…) has none: empty moments
                 raise StoreState(f"checkpoint {spec.start} has no Adam state to carry (it predates the carry regime); "
                                  "re-run its pre-training (`know trajectory` does) or use --optimizer fresh")
     layout = param_layout(model)
@@ -67,13 +89,15 @@ def collect_run(store_url: str, spec: RunSpec, device: str = "auto", threads: in
             log.info("run %s: stage %d/%d written (|D%d|=%d, %.1fs)", run_id, k + 1, cfg.stages, k, sizes[k],
                      time.perf_counter() - t0)
         store.finish_run(run_id, train_seconds=round(time.perf_counter() - t0, 3))
+    except LeaseLost:
+        raise  # the run is the new writer's now: not ours to mark failed
     except BaseException as e:
         store.fail_run(run_id, f"{type(e).__name__}: {e}")
         raise
     return run_id
 
 
-class PretrainSpec(DataSpec):
+class PretrainSpec(ModelChoice):
     """A source model pre-trained on D0 (the Θ0 of the target trajectory, method §2)."""
 
     model: str
@@ -86,7 +110,7 @@ class PretrainSpec(DataSpec):
 
     @property
     def checkpoint_id(self) -> str:
-        return "pre-" + config_hash(self.model_dump())
+        return "pre-" + config_hash(self.hashed())  # model_kwargs/head only when set: old ids stay
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
@@ -103,8 +127,24 @@ def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto", threads: 
             log.info("checkpoint %s already complete: skipped", ckpt)
             return ckpt
         log.info("checkpoint %s has no Adam state (written before the carry regime): pre-training it again", ckpt)
+
+    def usable() -> bool:  # complete with its Adam state (what the skip above asks), from the record alone
+        rec = store.checkpoint(ckpt)
+        return rec is not None and rec.is_complete and rec.adam_step is not None
+
+    lease = store.lease_checkpoint(ckpt, done=usable, log=log)  # waits while another process pre-trains it
+    if lease is None:
+        log.info("checkpoint %s already complete (pre-trained by another process): skipped", ckpt)
+        return ckpt
+    with lease:
+        return _pretrain(store, spec, device, log)
+
+
+def _pretrain(store: TrajectoryStore, spec: PretrainSpec, device: str, log) -> str:
+    """Pre-train and save the checkpoint, holding its lease."""
+    ckpt = spec.checkpoint_id
     data = spec.load("train")
-    mspec = ModelSpec(spec.model, data.in_channels, data.num_classes, data.image_size, spec.width or None)
+    mspec = spec.model_spec(data)
     model = build_seeded(mspec, spec.seed)
     tcfg = TrainConfig(spec.lr, spec.batch_size, spec.epochs, spec.seed, spec.augment, device)
     t0 = time.perf_counter()
