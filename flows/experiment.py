@@ -31,7 +31,8 @@ from know_core.errors import BadInput
 from params.collect import CollectParams, TrajectoryParams
 from know_core.tuning import TuneResult, bracket_search
 from know_core.verdict import fmt_factor
-from params.experiment import PRESETS, SHRINK_OF, ExperimentParams, preset_params  # noqa: F401 - re-exported
+from know_core.data import NOMINAL, missing_dataset_files
+from params.experiment import GPU_PRESETS, PRESETS, SHRINK_OF, ExperimentParams, preset_params  # noqa: F401
 from params.predict import MetaTrainParams, PredictParams
 from tasks.evaluate import CellSpec, TargetSpec, finetune_cell, target_diagnostics
 from tasks.predict import predict_run
@@ -40,14 +41,59 @@ from .collect import collect_trajectories
 from .common import make_runner, resume_hint
 from .meta_train import meta_train_known
 from .trajectory import forgetting_trajectory, target_specs
+from .trajectory import preflight as trajectory_preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def preflight(p: ExperimentParams) -> ExperimentPlan:
-    """Checks before any flow starts: the output folder, then the plan."""
+    """Checks before any flow starts: the output folder, the data files, the hardware, then the plan."""
     refuse_other_experiment(p)
-    return plan(p)
+    for role in ("source", "meta", "target"):
+        missing = missing_dataset_files(getattr(p, f"{role}_dataset"), p.dir_of(role))
+        if missing:
+            raise BadInput(f"{missing}; pass their folder with --{role}-data-dir or --data-dir")
+    refuse_cpu_for_gpu_preset(p)
+    pl = plan(p)
+    try:
+        trajectory_preflight(pl.target)  # the target batch must fit its smallest subset: refused before any stage runs
+    except BadInput as e:  # name this command's option
+        raise BadInput(str(e).replace("--batch-size", "--traj-batch-size")) from None
+    return pl
+
+
+#: seconds per image of one training step (forward + backward) on a CPU, per model parameter at
+#: 32x32 pixels: calibrated on this project's 2-core machine (resnet18: ~0.3 s per image)
+CPU_SECONDS_PER_IMAGE_PARAM = 2.7e-8
+
+
+def cpu_hours(p: ExperimentParams) -> float:
+    """A coarse estimate of the experiment's training time on a CPU, in hours: pre-training, the
+    forgetting stages and every fine-tune (meta-trajectories of the small models left out)."""
+    from know_core.models import build_model
+
+    n, channels, size, classes = NOMINAL.get(p.source_dataset, (10000, 3, 32, 10))
+    n_source = p.source_limit or n
+    params = sum(t.numel() for t in build_model(p.model, channels, classes, size, p.width or None).parameters())
+    per_image = CPU_SECONDS_PER_IMAGE_PARAM * params * (size / 32) ** 2
+    trajectory = sum(p.r**k for k in range(1, p.window + 2))
+    pl = plan(p)
+    cells = (len(pl.methods) + len(pl.tuned)) * p.seeds + len(pl.lr_grid) * sum(len(s) for s in pl.tuned.values())
+    images = (p.pretrain_epochs + trajectory) * n_source + cells * (p.phase1_epochs + p.phase2_epochs) * p.target_train_size
+    return images * per_image / 3600
+
+
+def refuse_cpu_for_gpu_preset(p: ExperimentParams) -> None:
+    """BadInput for a GPU-sized preset on a CPU estimated above an hour, unless p.force_cpu."""
+    from know_core.train import pick_device
+
+    if p.preset not in GPU_PRESETS or p.force_cpu or pick_device(p.device).type != "cpu":
+        return
+    hours = cpu_hours(p)
+    if hours > 1:
+        raise BadInput(f"preset {p.preset} is sized for a GPU: on this CPU it would take about {hours:,.0f} hours "
+                       "(a coarse estimate); run it on a GPU worker (know submit experiment --param preset=paper), "
+                       "reduce it with overrides, or pass --force-cpu")
 
 
 def refuse_other_experiment(p: ExperimentParams) -> None:
@@ -80,6 +126,7 @@ class ExperimentPlan:
 
     store: str
     collects: list[CollectParams]
+    matched: list[TrajectoryParams]  # target-matched meta runs: the target's recipe on other seeds
     target: TrajectoryParams
     full: TrajectoryParams | None  # half-data variant: the full-data pre-training
     known: str
@@ -91,7 +138,7 @@ class ExperimentPlan:
     def totals(self) -> dict[str, int]:
         """Units of work per stage, for progress displays (tuning counts the grid, before any extension)."""
         val = len(self.lr_grid) * sum(len(starts) for starts in self.tuned.values())
-        return {"meta-collect": sum(c.runs * len(c.model_list()) for c in self.collects),
+        return {"meta-collect": sum(c.runs * len(c.model_list()) for c in self.collects) + len(self.matched),
                 "target trajectory": self.target.stages,
                 "evaluate cells": (len(self.methods) + len(self.tuned)) * self.seeds + val}
 
@@ -99,21 +146,25 @@ class ExperimentPlan:
 def plan(p: ExperimentParams) -> ExperimentPlan:
     """Every sub-stage's params, derived purely from the experiment params."""
     out = Path(p.out)
-    store = str(out / "store.zarr")
+    store = p.store or str(out / "store.zarr")
     collects = []
     for mode, runs in (("independent", p.meta_runs), ("sequential", p.meta_sequential_runs)):
         if runs:
             collects.append(CollectParams(
-                store=store, dataset=p.meta_dataset, classes=p.meta_classes, limit=p.meta_limit, models=p.meta_models,
+                store=store, dataset=p.meta_dataset, data_dir=p.dir_of("meta"), classes=p.meta_classes,
+                limit=p.meta_limit, models=p.meta_models,
                 runs=runs, stages=p.meta_stages, mode=mode, seed=1 if mode == "independent" else 2, workers=p.workers,
                 device=p.device, optimizer=p.optimizer))
     target = TrajectoryParams(
-        store=store, dataset=p.source_dataset, classes=p.source_classes, limit=p.source_limit, model=p.model,
+        store=store, dataset=p.source_dataset, data_dir=p.dir_of("source"), classes=p.source_classes,
+        limit=p.source_limit, model=p.model, model_kwargs=p.model_kwargs, head=p.head, augment=p.augment,
         width=p.width, pretrain_epochs=p.pretrain_epochs, pretrain_lr=p.pretrain_lr,
         pretrain_batch_size=p.pretrain_batch_size, r=p.r, stages=p.window + 2, lr=p.traj_lr,
         batch_size=p.traj_batch_size, seed=0, device=p.device, optimizer=p.optimizer)
     full = target.model_copy(update={"limit": p.full_source_limit}) if p.full_source_limit else None
-    return ExperimentPlan(store=store, collects=collects, target=target, full=full, known=str(out / "known"),
+    matched = [target.model_copy(update={"seed": 101 + i}) for i in range(p.meta_matched_runs)]
+    return ExperimentPlan(store=store, collects=collects, matched=matched, target=target, full=full,
+                          known=p.known_dir or str(out / "known"),
                           methods=p.method_factors(), tuned=p.tuned_rows(), lr_grid=p.naive_lr_values(), seeds=p.seeds)
 
 
@@ -194,8 +245,11 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
         TrajectoryStore(store).prepare()
 
         print("stage 1/8: meta-trajectory collection")
+        meta_runs: list[str] = []
         for cp in pl.collects:
-            collect_trajectories(cp)
+            meta_runs += collect_trajectories(cp)
+        for tp in pl.matched:
+            meta_runs.append(forgetting_trajectory(tp))
         print("stage 2/8: source pre-training and target forgetting trajectory")
         target_run = forgetting_trajectory(pl.target)
         full_ckpt = ""
@@ -206,6 +260,7 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
             full_ckpt = pretrain(store, pre_full, p.device)
         print("stage 3/8: meta-training KNOWN")
         meta = meta_train_known(MetaTrainParams(store=store, out=pl.known, exclude_runs=target_run,
+                                                only_runs=",".join(meta_runs), scaling=p.known_scaling,
                                                 epochs=p.meta_epochs, pairs_per_run=p.meta_pairs_per_run,
                                                 official_dir=p.official_dir, compare_modes=p.meta_sequential_runs > 0))
 
@@ -229,8 +284,9 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
                                                           known="official", official_dir=p.official_dir)
         diag = target_diagnostics(store, target_run, diag_preds, p.window)
 
-        target = TargetSpec(dataset=p.target_dataset, classes=p.target_classes, train_size=p.target_train_size)
-        base = dict(out=str(out), store=store, run_id=target_run, target=target, phase1_epochs=p.phase1_epochs,
+        target = TargetSpec(dataset=p.target_dataset, data_dir=p.dir_of("target"), classes=p.target_classes,
+                            train_size=p.target_train_size)
+        base = dict(out=p.cache_dir or str(out), store=store, run_id=target_run, target=target, phase1_epochs=p.phase1_epochs,
                     phase2_epochs=p.phase2_epochs, lr1=p.lr1, lr2=p.lr2, batch_size=p.ft_batch_size, device=p.device)
         runner = make_runner("thread", p.workers)
 

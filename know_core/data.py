@@ -192,6 +192,9 @@ def load_cifar(root: str | os.PathLike, split: str = "train", classes: int = 10)
     The batches are read with RestrictedUnpickler: a file naming any other global (code
     to run) raises UnsafeFileError, a one-line ValueError naming the file."""
     root = Path(root)
+    extracted = root / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    if extracted.is_dir():  # the folder that holds the extracted archive
+        root = extracted
     if classes == 10:
         files = sorted(root.glob("data_batch_*")) if split == "train" else [root / "test_batch"]
         label_key = b"labels"
@@ -303,6 +306,29 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
             raise DatasetNotFound("image-folder: pass the folder (root/<split>/<class>/<image>) with --data-dir")
         return load_image_folder(Path(data_dir) / split)
     raise BadInput(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+#: (training images, channels, image size, classes) of the named data sets, for estimates before loading
+NOMINAL = {"digits": (1348, 1, 8, 10), "fashion-mnist": (60000, 1, 28, 10), "mnist5k": (5000, 1, 28, 10),
+           "cifar10": (50000, 3, 32, 10), "cifar100": (50000, 3, 32, 100)}
+
+
+def missing_dataset_files(name: str, data_dir: str | None) -> str:
+    """'' when the files `load_dataset(name, ..., data_dir)` reads are there, else what is missing
+    and where (checked without loading; data sets other than CIFAR are checked by their loader)."""
+    if name not in ("cifar10", "cifar100"):
+        return ""
+    archive = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    if not data_dir:
+        return f"{name} needs the extracted '{archive}' python batches; no directory was given"
+    root = Path(data_dir)
+    if (root / archive).is_dir():
+        root = root / archive
+    need = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+    gone = [f for f in need if not (root / f).is_file()]
+    if name == "cifar10" and gone and len(gone) < 6 and (root / "test_batch").is_file() and any(root.glob("data_batch_*")):
+        return ""  # fewer training batches than the archive has is allowed (load_cifar reads those present)
+    return f"{name} needs {', '.join(gone)} (the extracted '{archive}' archive) in {root}" if gone else ""
 
 
 # -- nested subsets ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ A preset fills every field it names; fields given explicitly (CLI options, `know
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -18,7 +18,7 @@ from know_core.errors import BadInput
 from know_core.predict import step_for_factor
 from know_core.stats import own_shrink
 
-from .common import DeviceField, OptimizerField, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
+from .common import DeviceField, ModelFields, OptimizerField, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
 
 #: predictors: rows that start from a prediction at a factor > 1
 PREDICTORS = ("know", "official", "taskvector", "logfit", "know-s2", "know-s3", "know-s4")
@@ -50,6 +50,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mnist": {"target_dataset": "mnist5k", "target_classes": ""},
     "half-data": {"source_limit": 15000, "full_source_limit": 30000,
                   "methods": "naive,naive-full,naive-lr,know:2,know:8,know-lr,official:8,official-lr,taskvector:2"},
+    # the paper's headline setting (method.md §7): ResNet-18 (CIFAR variant), CIFAR-100 -> CIFAR-10, release
+    # augmentation, r = 0.5, S = 5 (+2 held-out stages), 1 epoch per stage, 10 + 100 downstream epochs, 5 seeds.
+    # Meant for a GPU worker; the CIFAR python batches come from --data-dir.
+    "paper": {"source_dataset": "cifar100", "source_classes": "", "meta_dataset": "cifar100", "meta_classes": "",
+              "meta_limit": 10000, "target_dataset": "cifar10", "target_classes": "", "target_train_size": 50000,
+              "model": "resnet18", "width": 64, "augment": True, "pretrain_epochs": 30, "r": 0.5, "window": 5,
+              "phase1_epochs": 10, "phase2_epochs": 100, "lr1": 1e-3, "lr2": 4e-4, "seeds": 5,
+              "methods": "naive,naive-lr,know:2,know:4,know:8,know-lr,official:2,official:4,official:8,official-lr,"
+                         "taskvector:2,logfit:2,scratch"},
     "quick": {"source_dataset": "digits", "source_classes": "0-4", "meta_dataset": "digits", "meta_classes": "0-4",
               "meta_limit": 0, "meta_runs": 4, "meta_epochs": 4, "meta_pairs_per_run": 5000,
               "target_dataset": "digits", "target_classes": "5-9", "target_train_size": 300, "width": 8,
@@ -60,10 +69,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 #: run-time knobs: they change where and how fast, never what is computed
-RUNTIME_FIELDS = {"out", "force", "workers", "device", "preset"}
+RUNTIME_FIELDS = {"out", "force", "force_cpu", "workers", "device", "preset", "store", "known_dir", "cache_dir"}
+#: presets sized for a GPU: a CPU run estimated above an hour is refused unless force_cpu
+GPU_PRESETS = {"paper"}
 
 
-class ExperimentParams(OptimizerField, DeviceField):
+class ExperimentParams(ModelFields, OptimizerField, DeviceField):
     """The whole KNOW experiment: meta-data, KNOWN, the target trajectory, predictions,
     fine-tunes over paired seeds, and the report."""
 
@@ -73,13 +84,28 @@ class ExperimentParams(OptimizerField, DeviceField):
     force: bool = Field(False, description="Reuse an output folder that holds a different experiment")
     workers: int = Field(2, ge=1, description="Parallel fine-tunes / collection runs (one torch thread each)")
     official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5; empty = skip the official rows")
+    store: str = Field("", description="Trajectory store (default <out>/store.zarr); experiments that share one "
+                       "share its runs, each meta-training only on its own meta runs")
+    known_dir: str = Field("", description="Folder of the meta-trained KNOWN (default <out>/known); reused when its "
+                           "inputs are unchanged")
+    cache_dir: str = Field("", description="Folder whose cells/ caches the fine-tunes (default <out>); shared "
+                           "caches reuse identical cells")
+    force_cpu: bool = Field(False, description="Run a GPU-sized preset (paper) on a CPU anyway; without it, a CPU "
+                            "run estimated above an hour is refused with the estimate")
+    data_dir: str = Field("", description="Directory of the data sets' files for every *_data_dir left empty (e.g. "
+                          "one folder holding cifar-10-batches-py and cifar-100-python)")
+    augment: bool = Field(False, description="Release augmentation (rotate/shift/zoom) in pre-training and the "
+                          "forgetting stages")
     # source task and model
     source_dataset: str = Field("fashion-mnist", description="Source (pre-training) data set")
+    source_data_dir: str = Field("", description="Directory of the source data set's files (image-folder: root with "
+                                 "train/ and test/); empty = data_dir or its default location")
     source_classes: str = Field("0-4", description="Source classes")
     source_limit: int = Field(0, ge=0, description="Source training images (0 = all); the half-data variant halves it")
     full_source_limit: int = Field(0, ge=0, description="half-data variant: images of the full-data naive "
                                    "baseline (0 = off)")
-    model: str = Field("resnet", description="Model of the source/target network")
+    model: str = Field("resnet", description="Model of the source/target network: a built-in name, "
+                       "torchvision:NAME, timm:NAME or package.module:callable")
     width: int = Field(24, ge=0, description="Model width (resnet 24 = ~170k parameters)")
     pretrain_epochs: int = Field(5, ge=1, description="Source pre-training epochs")
     pretrain_lr: float = Field(1e-3, gt=0, description="Source pre-training Adam lr")
@@ -93,16 +119,25 @@ class ExperimentParams(OptimizerField, DeviceField):
     # meta data
     meta_dataset: str = Field("fashion-mnist", description="Meta-trajectory data set (never the target test split)")
     meta_classes: str = Field("0-4", description="Meta-trajectory classes")
+    meta_data_dir: str = Field("", description="Directory of the meta data set's files; empty = data_dir or its "
+                               "default location")
     meta_limit: int = Field(6000, ge=0, description="Meta-trajectory training images (0 = all)")
     meta_models: str = Field("simple-cnn,mlp", description="Comma-separated models of the meta-trajectories")
     meta_runs: int = Field(8, ge=0, description="Independent-mode meta runs per model")
     meta_sequential_runs: int = Field(0, ge=0, description="Sequential-mode meta runs per model")
+    meta_matched_runs: int = Field(0, ge=0, description="Target-matched meta runs: the target's own architecture, "
+                                   "pre-trained and recorded like the target (sequential), on other seeds, so other "
+                                   "nested subsets of the source training split; never the target task")
     meta_stages: int = Field(7, ge=6, description="Stages per meta run (KNOWN pairs need >= 6)")
+    known_scaling: Literal["auto", "raw", "minmax"] = Field(
+        "auto", description="KNOWN (ours) input scaling: auto = the lower validation L1 on held-out meta runs")
     meta_epochs: int = Field(10, ge=1, description="Max KNOWN meta-training epochs")
     meta_pairs_per_run: int = Field(20000, ge=1, description="Pairs per meta run and kind")
     # target task and protocol
     target_dataset: str = Field("fashion-mnist", description="Target data set")
     target_classes: str = Field("5-9", description="Target classes")
+    target_data_dir: str = Field("", description="Directory of the target data set's files; empty = data_dir or its "
+                                 "default location")
     target_train_size: int = Field(2000, ge=2, description="Balanced target training images")
     phase1_epochs: int = Field(2, ge=0, description="Head + norm epochs (release: 10)")
     phase2_epochs: int = Field(8, ge=1, description="Full fine-tune epochs (release: 100)")
@@ -147,9 +182,9 @@ class ExperimentParams(OptimizerField, DeviceField):
     @model_validator(mode="after")
     def _methods(self):
         self.method_factors()
-        if not self.meta_runs and not self.meta_sequential_runs:
-            raise ValueError("--meta-runs and --meta-sequential-runs are both 0; set one above 0 (KNOWN needs meta runs "
-                             "to train on)")
+        if not self.meta_runs and not self.meta_sequential_runs and not self.meta_matched_runs:
+            raise ValueError("--meta-runs, --meta-sequential-runs and --meta-matched-runs are all 0; set one above 0 "
+                             "(KNOWN needs meta runs to train on)")
         return self
 
     def _parsed(self) -> list[tuple[str, float]]:
@@ -208,6 +243,10 @@ class ExperimentParams(OptimizerField, DeviceField):
                 source = TUNED[name]
                 out[name] = [("naive", 1.0)] if source == "naive" else [(m, f) for m, f in rows if m == source]
         return out
+
+    def dir_of(self, role: str) -> str:
+        """The data directory of 'source', 'meta' or 'target': its own field, else data_dir."""
+        return getattr(self, f"{role}_data_dir") or self.data_dir
 
     def naive_lr_values(self) -> list[float]:
         """The naive-lr candidates of naive_lr_grid."""
