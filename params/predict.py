@@ -36,6 +36,9 @@ class MetaTrainParams(StoreField):
     meta_data: Literal["all", "independent", "sequential"] = Field(
         "all", description="Which runs train the default model: all | independent | sequential")
     exclude_runs: str = Field("", description="Comma-separated run ids never used for meta-training (e.g. the target run)")
+    only_runs: str = Field("", description="Comma-separated run ids to train on (empty = every complete run of the "
+                           "store); an experiment passes its own meta runs, so runs of other experiments in a shared "
+                           "store never leak in")
     epochs: int = Field(15, ge=1, description="Max epochs per model (early stopping usually ends sooner)")
     batch_size: int = Field(4096, ge=1, description="Pairs per Adam step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -44,6 +47,8 @@ class MetaTrainParams(StoreField):
     val_fraction: float = Field(0.25, gt=0, lt=1, description="Fraction of RUNS held out for validation")
     seed: int = Field(0, ge=0, description="Seed of the run split, subsampling and training")
     official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5, to add them to the comparison")
+    scaling: Literal["auto", "raw", "minmax"] = Field(
+        "auto", description="KNOWN input scaling of OUT/known.pt: auto = the one with the lower validation L1")
     compare_modes: bool = Field(True, description="When both modes exist, also train on independent-only and "
                                 "sequential-only runs")
 
@@ -55,6 +60,10 @@ class MetaTrainParams(StoreField):
 
     def excluded(self) -> set[str]:
         return {r.strip() for r in self.exclude_runs.split(",") if r.strip()}
+
+    def only(self) -> set[str]:
+        """The run ids meta-training is restricted to; empty = no restriction."""
+        return {r.strip() for r in self.only_runs.split(",") if r.strip()}
 
 
 class KnownSource(StoreField):

@@ -38,9 +38,9 @@ def eligible_runs(store: TrajectoryStore, spec: MetaTrainParams, meta_data: str)
     runs = store.runs()
     if not runs:
         raise BadInput(f"store {spec.store} holds no runs; collect some with `know collect --store {spec.store} --stages 7`")
-    excluded = spec.excluded()
+    excluded, only = spec.excluded(), spec.only()
     runs = [r for r in runs if r.is_complete and r.n_stages >= WINDOW + 1 and r.run_id not in excluded
-            and meta_data in ("all", r.mode)]
+            and meta_data in ("all", r.mode) and (not only or r.run_id in only)]
     if len(runs) < 2:
         raise BadInput(f"meta-training on {meta_data!r} runs needs at least 2 complete runs with >= {WINDOW + 1} stages "
                        f"in {spec.store}, found {len(runs)}; run `know collect --stages 7 --runs 12`")
@@ -61,6 +61,8 @@ def meta_provenance(store: TrajectoryStore, spec: MetaTrainParams, meta_data: st
             continue
         if r.run_id in excluded:
             why["excluded by name (the target run)"] += 1
+        elif spec.only() and r.run_id not in spec.only():
+            why["not this experiment's meta run"] += 1
         elif not r.is_complete:
             why[f"status {r.status}"] += 1
         elif r.n_stages < WINDOW + 1:
@@ -98,6 +100,28 @@ def gather(store, run_ids, spec: MetaTrainParams):
     return pairs, sizes
 
 
+def known_input_hash(spec: MetaTrainParams, runs: list[RunRecord], train_ids: list[str], val_ids: list[str],
+                     scaling: str) -> str:
+    """What one KNOWN model is trained from: the settings, the run split and each run's
+    completion stamp (a re-collected run is new data). Equal hash = the saved model is current."""
+    return config_hash({**spec.model_dump(exclude={"out", "official_dir", "compare_modes", "meta_data", "scaling",
+                                                   "only_runs", "exclude_runs"}),
+                        "train": train_ids, "val": val_ids, "scaling": scaling,
+                        "completed_at": {r.run_id: r.completed_at for r in runs}})
+
+
+def known_is_current(spec: MetaTrainParams) -> bool:
+    """Whether <out>/known.pt is a model trained on the store's runs as they are now, with
+    these settings (the main meta-data, either scaling). Reads records and the file only."""
+    if not known_path(spec.out).exists():
+        return False
+    runs = eligible_runs(TrajectoryStore(spec.store), spec, spec.meta_data)
+    train_ids, val_ids = split_by_model(runs, spec)
+    have = load_known_payload(spec.out).get("provenance", {}).get("input_hash")
+    scalings = ("raw", "minmax") if getattr(spec, "scaling", "auto") == "auto" else (spec.scaling,)
+    return have in {known_input_hash(spec, runs, train_ids, val_ids, s) for s in scalings}
+
+
 @task(name="meta-train-known", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
       task_run_name="meta-train-{meta_data}-{scaling}")
 def train_known_set(spec: MetaTrainParams, meta_data: str, scaling: str) -> str:
@@ -108,8 +132,7 @@ def train_known_set(spec: MetaTrainParams, meta_data: str, scaling: str) -> str:
     runs = eligible_runs(store, spec, meta_data)
     train_ids, val_ids = split_by_model(runs, spec)
     out = Path(spec.out) / meta_data / scaling
-    input_hash = config_hash({**spec.model_dump(exclude={"out", "official_dir", "compare_modes", "meta_data"}),
-                              "train": train_ids, "val": val_ids, "scaling": scaling})
+    input_hash = known_input_hash(spec, runs, train_ids, val_ids, scaling)
     if known_path(out).exists() and load_known_payload(out).get("provenance", {}).get("input_hash") == input_hash:
         log.info("KNOWN %s/%s is up to date: skipped", meta_data, scaling)
         return str(out)
@@ -175,11 +198,12 @@ def meta_report(spec: MetaTrainParams, meta_data: str, model_dirs: list[str]) ->
 
 
 def pick_default(spec: MetaTrainParams, table: pd.DataFrame, model_dirs: list[str]) -> str:
-    """Copy the model with the lowest overall val L1 on the main meta-data to <out>/known.pt."""
+    """Copy the model with the lowest overall val L1 on the main meta-data (or the one of
+    spec.scaling, when that is not 'auto') to <out>/known.pt."""
     allrows = table[(table.kind == "all") & (table.val_runs_of == spec.meta_data) & table.method.str.startswith("known-")]
     allrows = allrows[allrows.method.str.endswith(f"[{spec.meta_data}]")]
     best = allrows.sort_values("val_l1").iloc[0].method
-    scaling = best.split("-", 1)[1].split("[", 1)[0]
+    scaling = best.split("-", 1)[1].split("[", 1)[0] if spec.scaling == "auto" else spec.scaling
     src = next(d for d in model_dirs if Path(d).parts[-2:] == (spec.meta_data, scaling))
     # a rerun that picks the same model leaves <out>/known.pt untouched
     if not known_path(spec.out).exists() or file_digest(known_path(spec.out)) != file_digest(known_path(src)):
@@ -187,4 +211,5 @@ def pick_default(spec: MetaTrainParams, table: pd.DataFrame, model_dirs: list[st
     return scaling
 
 
-__all__ = ["MetaTrainParams", "train_known_set", "meta_report", "pick_default", "eligible_runs"]
+__all__ = ["MetaTrainParams", "train_known_set", "meta_report", "pick_default", "eligible_runs",
+           "known_input_hash", "known_is_current"]

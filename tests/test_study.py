@@ -1,0 +1,87 @@
+"""`know study` end to end at tiny size (issue 13): two variants that share the target
+trajectory and the meta runs (they differ only in KNOWN's input scaling). The shared stages
+are computed once, a re-run recomputes nothing, and the table, picture and conclusion exist."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import pandas as pd
+import pytest
+
+import flows.experiment  # noqa: F401 - imported at collection (see test_experiment.py)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TINY = {"meta_runs": 2, "meta_epochs": 1, "meta_pairs_per_run": 1000, "meta_limit": 300, "pretrain_epochs": 1,
+        "target_train_size": 60, "phase1_epochs": 1, "phase2_epochs": 1, "methods": "naive,naive-lr,know:2,know-lr",
+        "naive_lr_grid": "1e-3", "lr_grid_extend": 1, "workers": 2}
+
+
+def _params(out):
+    from params.study import StudyParams
+
+    return StudyParams(preset="custom", base="quick", grid=True, known_scalings="auto,raw", seeds=2,
+                       out=str(out), overrides=json.dumps(TINY))
+
+
+def _stamp(path) -> dt.datetime:
+    return dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.timezone.utc)
+
+
+def test_two_variant_study_shares_stages_and_reruns_for_free(tmp_path, capsys):
+    from flows.study import know_study
+    from storage.trajectory import TrajectoryStore
+
+    out = tmp_path / "study"
+    params = _params(out)
+    names = list(params.experiments())
+    assert len(names) == 2
+    assert know_study(params) == str(out)
+
+    # one store: one target run (the only run started from a checkpoint) and one set of meta runs
+    store = TrajectoryStore(out / "store.zarr")
+    runs = store.runs()
+    targets = [r for r in runs if r.start]
+    assert len(targets) == 1 and len(runs) == 1 + 2 * 2  # 2 meta runs x 2 models
+    # computed once: the target run was created before the second variant started
+    created = dt.datetime.fromisoformat(targets[0].created_at)
+    second = out / "variants" / names[1] / "experiment.json"
+    assert created < _stamp(second)
+    # the naive cells (same start, same protocol) are shared: one file per seed, not per variant
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    naive = [c for c in cells if c["split"] == "test" and c["lr2"] == 1e-3 and c["method"] in ("naive", "naive-lr")]
+    assert len({(c["seed"], json.dumps(c["rows"])) for c in naive}) <= 2
+    for name in names:
+        res = pd.read_csv(out / "variants" / name / "results.csv")
+        assert {"naive", "know", "shrink", "naive-lr", "know-lr"} <= set(res.method)
+
+    table = pd.read_csv(out / "study.csv")
+    assert list(table.variant) == names
+    assert table.coherence_conv.notna().all() and (table.n_seeds == 2).all()
+    md = (out / "study.md").read_text()
+    assert "**Conclusion.**" in md and "No variant beats" in md  # 2 seeds can never pass the >= 5 seed rule
+    assert (out / "gain_vs_coherence.png").stat().st_size > 1000
+
+    # a re-run (as after a kill): every variant reused, no cell or chunk rewritten
+    files = sorted(p for p in out.rglob("*") if p.is_file() and ("cells" in p.parts or "c" in p.parts))
+    before = {p: os.stat(p).st_mtime_ns for p in files}
+    assert know_study(params) == str(out)
+    after = sorted(p for p in out.rglob("*") if p.is_file() and ("cells" in p.parts or "c" in p.parts))
+    assert after == files
+    assert {p: os.stat(p).st_mtime_ns for p in files} == before
+
+
+def test_screen_variants_are_fixed_and_valid():
+    from params.study import SCREEN, StudyParams
+
+    p = StudyParams(preset="screen")
+    exps = p.experiments()
+    assert list(exps) == list(SCREEN)
+    assert exps["fresh-optimizer"].optimizer == "fresh" and exps["standard"].optimizer == "carry"
+    assert exps["target-matched-meta"].meta_matched_runs == 4 and exps["target-matched-meta"].meta_runs == 0
+    assert len({e.store for e in exps.values()}) == 1 and len({e.out for e in exps.values()}) == len(exps)
+    # variants with the same meta-data config share one KNOWN folder; others do not
+    assert exps["standard"].known_dir != exps["raw-scaling"].known_dir
+    assert exps["standard"].known_dir != exps["fresh-optimizer"].known_dir
