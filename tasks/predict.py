@@ -32,11 +32,36 @@ def load_known_source(spec: KnownSource):
     if spec.known == "official":
         if not spec.official_dir:
             raise BadInput("--known official needs --official-dir, the directory holding KNOWN_Conv.h5, KNOWN_FC.h5 and KNOWN_Bias.h5")
-        ks = load_official(spec.official_dir)
-        digest = config_hash({k: file_digest(Path(spec.official_dir) / f) for k, f in OFFICIAL_FILES.items()})
-        return ks, digest
+        return load_official(spec.official_dir), known_digest(spec)
     ks = known_set_from_dict(load_known_payload(spec.known))
-    return ks, file_digest(known_path(spec.known))
+    return ks, known_digest(spec)
+
+
+def known_digest(spec: KnownSource) -> str:
+    """Content digest (sha256 prefix) of the KNOWN source a spec names, without loading it;
+    '' for a predictor that uses no KNOWN."""
+    if not spec.uses_known:
+        return ""
+    if spec.known == "official":
+        return config_hash({k: file_digest(Path(spec.official_dir) / f) for k, f in OFFICIAL_FILES.items()})
+    return file_digest(known_path(spec.known))
+
+
+def prediction_input_hash(spec: PredictParams, run: RunRecord, digest: str) -> str:
+    """What a prediction is made from: the run (id and completion stamp), the predictor and
+    its options, and the KNOWN source's content digest. Equal hash = the stored one is current."""
+    return config_hash({"run": spec.run_id, "completed_at": run.completed_at or None,
+                        **spec.model_dump(exclude={"store", "block_values"}), "known_digest": digest})
+
+
+def prediction_status(spec: PredictParams, store: TrajectoryStore | None = None) -> tuple[str, bool]:
+    """(the input hash a prediction of `spec` would carry now, whether the store holds it
+    complete with that hash). Reads records and the KNOWN file's bytes only."""
+    store = store or TrajectoryStore(spec.store)
+    run = store.require_run(spec.run_id)
+    input_hash = prediction_input_hash(spec, run, known_digest(spec))
+    old = store.prediction(spec.run_id, spec.output_name)
+    return input_hash, old is not None and old.is_complete and old.input_hash == input_hash
 
 
 def prediction_inputs(spec: PredictParams, store: TrajectoryStore) -> tuple[RunRecord, PredictorConfig, str]:
@@ -66,8 +91,7 @@ def predict_run(spec: PredictParams) -> str:
     store = TrajectoryStore(spec.store)
     run, cfg, digest = prediction_inputs(spec, store)
     name = spec.output_name
-    input_hash = config_hash({"run": spec.run_id, "completed_at": run.completed_at or None,
-                              **spec.model_dump(exclude={"store", "block_values"}), "known_digest": digest})
+    input_hash = prediction_input_hash(spec, run, digest)
     old = store.prediction(spec.run_id, name)
     if old is not None and old.is_complete and old.input_hash == input_hash:
         log.info("prediction %s of run %s is up to date: skipped", name, spec.run_id)
