@@ -29,7 +29,8 @@ def plan_sweep(p: CollectParams) -> list[RunSpec]:
     Raises BadInput before anything is written when the data cannot give the sweep (e.g. a
     batch that does not fit the smallest subset)."""
     base = dict(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit, stages=p.stages,
-                epochs_per_stage=p.epochs_per_stage, mode=p.mode, optimizer=p.optimizer, width=p.width)
+                epochs_per_stage=p.epochs_per_stage, mode=p.mode, optimizer=p.optimizer, width=p.width,
+                model_kwargs=p.model_kwargs, head=p.head)
     n = len(DataSpec(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit).load("train"))
     specs: list[RunSpec] = []
     if p.sweep == "grid":
@@ -83,10 +84,28 @@ def preflight(params: CollectParams) -> list[RunSpec]:
     return plan_sweep(params)
 
 
+def publish_runs_table(store: str, specs: list[RunSpec]) -> None:
+    """A table artifact (key `collect-runs`) of the sweep's runs and their status in the store.
+    Never raises: the store holds the results, the artifact only shows them."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        st = TrajectoryStore(store)
+        rows = [{"run_id": s.run_id, "model": s.model, "r": s.r, "lr": s.lr, "batch": s.batch_size,
+                 "status": st.run_status(s.run_id) or "not started"} for s in specs]
+        done = sum(row["status"] == "complete" for row in rows)
+        create_table_artifact(rows, key="collect-runs", description=f"{done} of {len(rows)} runs complete in {store}")
+    except Exception:  # noqa: BLE001 - e.g. no run context: nothing to attach the table to
+        pass
+
+
 @flow(name="collect-trajectories", log_prints=True)
 def collect_trajectories(params: CollectParams = CollectParams()) -> list[str]:
     """Meta-data collection: a sweep of forgetting trajectories of small models (method §3)."""
     with resume_hint("collect-trajectories"):
         specs = plan_sweep(params)
         print(f"collecting {len(specs)} runs into {params.store}")
-        return fan_out(params.store, specs, params)
+        try:
+            return fan_out(params.store, specs, params)
+        finally:  # failed runs too: the table shows which
+            publish_runs_table(params.store, specs)

@@ -37,6 +37,18 @@ def meta_data_sets(spec: MetaTrainParams) -> list[str]:
     return sets
 
 
+def publish_l1_table(table: pd.DataFrame, description: str) -> None:
+    """The validation-L1 table as a table artifact (key `meta-train-val-l1`). Never raises."""
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+                for row in table.to_dict("records")]
+        create_table_artifact(rows, key="meta-train-val-l1", description=description)
+    except Exception:  # noqa: BLE001 - the files (val_l1.csv) are the product
+        pass
+
+
 def preflight(params: MetaTrainParams) -> None:
     """BadInput before any flow starts when the store cannot train KNOWN."""
     eligible_runs(TrajectoryStore(params.store), params, params.meta_data)
@@ -61,5 +73,7 @@ def meta_train_known(params: MetaTrainParams = MetaTrainParams()) -> dict:
         save_table(table, out / "val_l1.csv")
         save_table(runs, out / "runs.csv")
         print(f"default KNOWN: {params.meta_data} meta-data, {scaling} scaling -> {out / 'known.pt'}")
+        publish_l1_table(table, f"Validation L1 (lower is better); default KNOWN: {params.meta_data} meta-data, "
+                                f"{scaling} scaling -> {out.resolve() / 'known.pt'}")
         provenance = meta_provenance(TrajectoryStore(params.store), params, params.meta_data)
         return {"out": str(out), "scaling": scaling, "table": table.to_dict("records"), "provenance": provenance}

@@ -4,14 +4,18 @@
     from flows.ops import submit, resume
     run_id, url = submit("collect", {"runs": "3", "stages": "6", "limit": "300"})
     resume(run_id)          # after it failed or crashed: schedules it again for its worker
+    resume(run_id)          # RUNNING/CANCELLING but its worker died (kill -9, machine down):
+                            # marked Crashed once silent for STALE_HEARTBEATS heartbeats, then retried
+    set_schedule("know-collect", "nightly-meta-data", active=True)  # keeps its parameters
 
-`know submit` and `know resume` are thin wrappers. Parameters are validated here, with the
-flow's own pydantic model, before anything reaches the server.
+`know submit`, `know resume` and `know schedule` are thin wrappers. Parameters are validated
+here, with the flow's own pydantic model, before anything reaches the server.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -40,6 +44,11 @@ FLOWS: dict[str, str] = {
 }
 
 RETRYABLE = {"FAILED", "CRASHED", "CANCELLED", "COMPLETED"}
+#: not final, but maybe orphaned: a run whose process (worker, machine) died stays in one of these
+RECOVERABLE = {"RUNNING", "CANCELLING", "PENDING"}
+#: a RECOVERABLE run is orphaned once it has sent no sign of life (flow-run heartbeat, task-run
+#: state change) for this many heartbeat intervals (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default)
+STALE_HEARTBEATS = 2
 
 
 class OpsError(BadInput):
@@ -148,8 +157,31 @@ def precheck_params(model: type[BaseModel], params: dict[str, Any]) -> None:
     try:
         model.model_validate(params)
     except ValidationError as e:
-        if any(err["type"] != "missing" for err in e.errors()):
+        # a model-level error (no loc, e.g. known=official without official_dir) may involve a
+        # field the deployment's defaults set: the merged params are validated after reading it
+        if any(err["type"] != "missing" and err.get("loc") for err in e.errors()):
             raise OpsError(f"parameter {describe(e, cli=False, skip_missing=True)}") from None
+
+
+def check_named_runs(params: dict[str, Any]) -> None:
+    """A run the overrides name (`run_id`, `target_run`) must be in the store they name, when
+    that store is a local path: one line (OpsError) here, not a failed flow run later."""
+    from pathlib import Path
+
+    store = str(params.get("store") or "")
+    named = [(f, str(params[f]).strip()) for f in ("run_id", "target_run") if str(params.get(f) or "").strip()]
+    if not store or "://" in store or not named:
+        return
+    if not Path(store).is_dir():
+        raise OpsError(f"{named[0][0]} {named[0][1]}: store {store} does not exist here, so it holds no such run; "
+                       f"check the path with `know runs --store {store}`")
+    from storage.trajectory import TrajectoryStore
+
+    st = TrajectoryStore(store)
+    for field, run_id in named:
+        if st.run(run_id) is None:
+            raise OpsError(f"{field} {run_id} is not a run of store {store}; list its runs with "
+                           f"`know runs --store {store}`")
 
 
 def submit(stage: str, params: dict[str, Any] | None = None, *, tags: list[str] | tuple[str, ...] = (),
@@ -166,6 +198,7 @@ def submit(stage: str, params: dict[str, Any] | None = None, *, tags: list[str] 
     name, entrypoint = _deployment_name(stage)
     if entrypoint:  # a typo fails here, before the server is asked
         precheck_params(params_model(entrypoint), params or {})
+    check_named_runs(params or {})  # a missing run fails here too, before the server is asked
     require_server()
 
     async def read():
@@ -186,12 +219,144 @@ def submit(stage: str, params: dict[str, Any] | None = None, *, tags: list[str] 
     return str(run.id), flow_run_url(run)
 
 
-async def _aresume(flow_run_id: str):
-    """What `prefect flow-run retry` does (Prefect 3.8 cli/flow_run.py), as a function.
+def stale_after_seconds() -> float:
+    """Silence after which a RUNNING/CANCELLING/PENDING run counts as orphaned: STALE_HEARTBEATS
+    flow-run heartbeat intervals (PREFECT_FLOWS_HEARTBEAT_FREQUENCY; workers and `know` should
+    share it). A live run sends a heartbeat every interval, from a thread, even mid-training."""
+    from prefect.settings import get_current_settings
+
+    frequency = get_current_settings().flows.heartbeat_frequency or 180  # None (off) on the workers' side: 180
+    return float(STALE_HEARTBEATS * max(frequency, 30))  # the engine never beats less often than 30 s
+
+
+@dataclass
+class Liveness:
+    """When the flow runs of one run tree last showed a sign of life, and what it was."""
+
+    last_seen: Any  # datetime (UTC) or None
+    what: str
+    age_s: float
+
+
+async def _run_tree(client, run) -> list:
+    """The run and its in-process subflow runs that are not final, parents first. Subflow runs of
+    a deployment (e.g. a pipeline's stage runs) run elsewhere and are left to their own workers."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId,
+                                                FlowRunFilterParentFlowRunId, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+
+    tree, frontier = [run], [run.id]
+    while frontier:
+        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier),
+            deployment_id=FlowRunFilterDeploymentId(is_null_=True),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(RECOVERABLE)))))
+        children = [c for c in children if all(c.id != t.id for t in tree)]
+        tree += children
+        frontier = [c.id for c in children]
+    return tree
+
+
+async def _orphan_task_runs(client, flow_run_ids: list) -> list:
+    from prefect.client.schemas.filters import (TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterState,
+                                                TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    found, offset = [], 0
+    while True:
+        page = await client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=flow_run_ids),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))),
+            limit=200, offset=offset)
+        found += page
+        if len(page) < 200:
+            return found
+        offset += 200
+
+
+async def liveness(client, tree: list, task_runs: list) -> Liveness:
+    """The newest sign of life of a run tree: its last flow-run heartbeat event, a flow run
+    entering Running, or a task run changing state (the newest finished one and every one that
+    is still RUNNING/PENDING). States forced from outside (Cancelling) do not count."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterEndTime, TaskRunFilterFlowRunId
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import TaskRunSort
+    from prefect.events.filters import (EventFilter, EventNameFilter, EventOccurredFilter, EventOrder,
+                                        EventResourceFilter)
+
+    now = datetime.now(timezone.utc)
+    seen: list[tuple[datetime, str]] = []
+    for fr in tree:
+        if fr.start_time:
+            seen.append((fr.start_time, f"flow run {fr.name} started"))
+        if fr.state and fr.state.type in (StateType.RUNNING, StateType.PENDING):
+            seen.append((fr.state.timestamp, f"flow run {fr.name} became {fr.state.name}"))
+    ids = [fr.id for fr in tree]
+    try:
+        page = await client.read_events(filter=EventFilter(
+            occurred=EventOccurredFilter(since=now - timedelta(days=7), until=now + timedelta(hours=1)),
+            event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{i}" for i in ids]),
+            order=EventOrder.DESC), limit=1)
+        for event in page.events:
+            seen.append((event.occurred, "heartbeat"))
+    except Exception:  # noqa: BLE001 - a server without the events API: the states still tell
+        pass
+    newest_done = await client.read_task_runs(task_run_filter=TaskRunFilter(  # not-null: Postgres sorts NULLs first
+        flow_run_id=TaskRunFilterFlowRunId(any_=ids), end_time=TaskRunFilterEndTime(is_null_=False)),
+        sort=TaskRunSort.END_TIME_DESC, limit=1)
+    for tr in [*task_runs, *newest_done]:
+        for t in (tr.state.timestamp if tr.state else None, tr.end_time, tr.start_time):
+            if t:
+                seen.append((t, f"task run {tr.name} {tr.state.name if tr.state else ''}".rstrip()))
+    if not seen:
+        return Liveness(None, "nothing", float("inf"))
+    last, what = max(seen, key=lambda x: x[0])
+    return Liveness(last, what, (now - last).total_seconds())
+
+
+async def _recover_orphan(client, run, force: bool, notify: Callable[[str], None] | None) -> None:
+    """A RUNNING/CANCELLING/PENDING run whose process is gone: force it, its in-process subflow
+    runs and their RUNNING/PENDING task runs to Crashed, so it can be retried. Refused (OpsError)
+    while the run still shows signs of life, unless `force`."""
+    from prefect.states import Crashed
+
+    tree = await _run_tree(client, run)
+    task_runs = await _orphan_task_runs(client, [fr.id for fr in tree])
+    alive = await liveness(client, tree, task_runs)
+    threshold = stale_after_seconds()
+    state = run.state.type.value
+    if not force and alive.age_s < threshold:
+        raise OpsError(
+            f"flow run {run.id} is {state} and showed a sign of life {alive.age_s:.0f}s ago ({alive.what}); "
+            f"it may still be running. If its worker is gone (killed, machine down), `know resume {run.id}` "
+            f"recovers it once it has been silent for {threshold:.0f}s ({STALE_HEARTBEATS} heartbeat intervals), "
+            f"or now with --force")
+    age = "never" if alive.last_seen is None else f"{alive.age_s:.0f}s ago ({alive.what})"
+    message = f"Marked Crashed by know resume: {state} with no sign of life since {age}; its worker is gone"
+    if force and alive.age_s < threshold:
+        message = f"Marked Crashed by know resume --force ({state}, last sign of life {age})"
+    for tr in task_runs:
+        await client.set_task_run_state(tr.id, Crashed(message=message), force=True)
+    for fr in reversed(tree):  # subflows before their parent
+        await client.set_flow_run_state(fr.id, Crashed(message=message), force=True)
+    if notify:
+        notify(f"flow run {run.id} was {state}, last sign of life {age}: marked it Crashed, with "
+               f"{len(tree) - 1} subflow run(s) and {len(task_runs)} task run(s)")
+
+
+async def _aresume(flow_run_id: str, force: bool = False, notify: Callable[[str], None] | None = None):
+    """What `prefect flow-run retry` does (Prefect 3.8 cli/flow_run.py), as a function, plus the
+    recovery of a run orphaned by a dead worker.
 
     A run of a deployment is forced back to Scheduled and its worker picks it up again;
     finished work is reused (complete runs in the store, cached task results). A run
     without a deployment (a local `know ...` command) is re-run here, in this process.
+    A RUNNING/CANCELLING/PENDING run is first marked Crashed (`_recover_orphan`) when it has
+    been silent for `stale_after_seconds()` (or with `force`). Task runs that a finished run
+    left RUNNING or PENDING (its process died) are marked Crashed too.
     Returns ("scheduled", "SCHEDULED") or ("local", (flow run, flow name)).
     """
     from uuid import UUID
@@ -199,7 +364,7 @@ async def _aresume(flow_run_id: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.exceptions import ObjectNotFound
-    from prefect.states import Scheduled
+    from prefect.states import Crashed, Scheduled
 
     try:
         run_uuid = UUID(str(flow_run_id))
@@ -211,15 +376,25 @@ async def _aresume(flow_run_id: str):
         except ObjectNotFound:
             raise OpsError(f"flow run {flow_run_id} not found on {require_server_or_ephemeral()}") from None
         state = run.state.type.value if run.state else "UNKNOWN"
-        if state not in RETRYABLE:
+        if state in RECOVERABLE:
+            await _recover_orphan(client, run, force, notify)
+        elif state not in RETRYABLE:
             raise OpsError(f"flow run {flow_run_id} is {state}; only finished runs (failed, crashed, cancelled, "
-                           "completed) can be resumed")
+                           "completed) and runs whose worker is gone (running, cancelling) can be resumed")
+        else:  # a finished run whose process died mid-task leaves its task and subflow runs open: close them
+            tree = await _run_tree(client, run)
+            crashed = Crashed(message=f"Marked Crashed by know resume: its flow run was {state}")
+            for tr in await _orphan_task_runs(client, [fr.id for fr in tree]):
+                await client.set_task_run_state(tr.id, crashed, force=True)
+            for fr in reversed(tree[1:]):
+                await client.set_flow_run_state(fr.id, crashed, force=True)
         if run.deployment_id:
             result = await client.set_flow_run_state(run.id, Scheduled(message="Resumed via know resume"), force=True)
             if result.status == SetStateStatus.ABORT:
                 raise OpsError(f"flow run {flow_run_id} could not be resumed: {result.details.reason}")
             return "scheduled", "SCHEDULED"
         flow = await client.read_flow(run.flow_id)
+        run = await client.read_flow_run(run_uuid)
     return "local", (run, flow.name)
 
 
@@ -254,15 +429,90 @@ def _run_locally(run, flow_name: str) -> str:
     return state.type.value
 
 
-def resume(flow_run_id: str) -> tuple[str, str]:
-    """Retry a failed or crashed flow run. Returns (how, state): ('scheduled', 'SCHEDULED') for
-    a deployment run (its worker runs it again), ('local', final state) for a local run."""
+def resume(flow_run_id: str, force: bool = False, notify: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """Retry a failed or crashed flow run, or one left RUNNING/CANCELLING by a dead worker (see
+    `_aresume`; `force` skips the staleness check, `notify` hears what was marked Crashed).
+    Returns (how, state): ('scheduled', 'SCHEDULED') for a deployment run (its worker runs it
+    again), ('local', final state) for a local run."""
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    how, detail = run_coro_as_sync(_aresume(flow_run_id))
+    how, detail = run_coro_as_sync(_aresume(flow_run_id, force, notify))
     if how == "local":
         return how, _run_locally(*detail)
     return how, detail
+
+
+@dataclass
+class ScheduleInfo:
+    """One deployment schedule as the server holds it after `set_schedule`."""
+
+    deployment: str  # flow-name/deployment-name
+    slug: str
+    schedule_id: str
+    active: bool
+    changed: bool  # False: it was already so
+    parameters: dict[str, Any]
+    schedule: str  # e.g. "cron 0 2 * * * (UTC)"
+
+
+def _describe_schedule(schedule) -> str:
+    sch = schedule.schedule
+    for attr, label in (("cron", "cron"), ("interval", "every"), ("rrule", "rrule")):
+        value = getattr(sch, attr, None)
+        if value:
+            tz = getattr(sch, "timezone", None)
+            return f"{label} {value}" + (f" ({tz})" if tz else "")
+    return str(sch)
+
+
+async def _aset_schedule(deployment_name: str, slug: str, active: bool) -> ScheduleInfo:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    name, _ = _deployment_name(deployment_name)
+    async with get_client() as client:
+        deployment = await _read_deployment(client, name)
+        if deployment is None:
+            raise OpsError(f"no deployment {name!r} on the server; deploy with `prefect deploy --all` from the repo root "
+                           f"(stages: {', '.join(STAGES)})")
+        schedules = list(deployment.schedules or [])
+        listing = ", ".join(f"{s.slug or s.id} ({_describe_schedule(s)})" for s in schedules) or "none"
+        if slug:
+            picked = [s for s in schedules if s.slug == slug or str(s.id) == slug]
+        else:
+            picked = schedules if len(schedules) == 1 else []
+        if len(picked) != 1:
+            what = f"no schedule {slug!r}" if slug else f"{len(schedules)} schedules"
+            raise OpsError(f"deployment {deployment.name!r} has {what}; name one of: {listing}")
+        schedule = picked[0]
+        flow = await client.read_flow(deployment.flow_id)
+        full = f"{flow.name}/{deployment.name}"
+        parameters = dict(schedule.parameters or {})
+        changed = schedule.active != active
+        if changed:
+            # The server's DeploymentScheduleUpdate defaults `parameters` to {} and writes it, so an
+            # update of `active` alone (what `prefect deployment schedule resume|pause` sends) wipes
+            # the schedule's parameters. Send them back with it.
+            await client.update_deployment_schedule(deployment.id, schedule.id, active=active, parameters=parameters)
+        after = next((s for s in (await client.read_deployment(deployment.id)).schedules or []
+                      if s.id == UUID(str(schedule.id))), None)
+        if after is None or after.active != active or dict(after.parameters or {}) != parameters:
+            raise OpsError(f"schedule {schedule.slug or schedule.id} of {full} did not take the change: the server holds "
+                           f"active={getattr(after, 'active', None)}, parameters={getattr(after, 'parameters', None)}")
+        return ScheduleInfo(full, schedule.slug or "", str(schedule.id), active, changed, parameters,
+                            _describe_schedule(after))
+
+
+def set_schedule(deployment: str, slug: str = "", active: bool = True) -> ScheduleInfo:
+    """Switch a deployment schedule on or off, keeping its parameters; verified by reading it back.
+
+    `deployment`: a stage (collect), a deployment name (know-collect) or flow/deployment;
+    `slug`: the schedule's slug (nightly-meta-data) or id, optional when it has one schedule."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    require_server()
+    return run_coro_as_sync(_aset_schedule(deployment, slug, active))
 
 
 async def await_final(flow_run_id: str, timeout: float | None = None):

@@ -1,5 +1,7 @@
-"""Settings of the commands that talk to a Prefect server: `know submit` and `know resume`."""
+"""Settings of the commands that talk to a Prefect server: `know submit`, `know resume`, `know schedule`."""
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -24,6 +26,18 @@ class ResumeParams(StageModel):
     flow_run_id: str = Field(..., description="The flow run's id (shown by `know submit`, the UI, or the failed run's "
                              "resume-hint artifact)")
     watch: bool = Field(False, description="For a deployment run, wait until it ends and exit 1 if it did not complete")
+    force: bool = Field(False, description="Recover a RUNNING or CANCELLING run now, without waiting until it has sent "
+                        "no heartbeat for two heartbeat intervals (use only when its worker is gone)")
 
 
-__all__ = ["SubmitParams", "ResumeParams"]
+class ScheduleParams(StageModel):
+    """Switch a deployment schedule on or off over the API, keeping its parameters."""
+
+    action: Literal["on", "off"] = Field(..., description="on | off")
+    deployment: str = Field(..., description="The deployment: a stage (collect), a deployment name (know-collect) or "
+                            "flow/deployment")
+    schedule: str = Field("", description="The schedule's slug (nightly-meta-data) or id; optional when the "
+                          "deployment has one schedule")
+
+
+__all__ = ["SubmitParams", "ResumeParams", "ScheduleParams"]
