@@ -41,28 +41,105 @@ def gpu_annotation(enabled: bool):
         yield
 
 
+def _code_block(text: str, lang: str = "text") -> str:
+    """A fenced block that holds any text: the fence is longer than any backtick run inside."""
+    import re
+
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return f"{fence}{lang}\n{text}\n{fence}\n"
+
+
+def _needs_new_parameters(error: BaseException) -> bool:
+    """True when retrying the same flow run (same parameters) can only fail the same way: a bad
+    setting (BadInput), a diverged run (NonFinite), or an id that the store does not have."""
+    from know_core.errors import BadInput, NonFinite, StoreState
+
+    if isinstance(error, (BadInput, NonFinite)):
+        return True
+    return isinstance(error, StoreState) and "does not exist" in str(error)
+
+
+def _submit_stage() -> str:
+    """The `know submit` stage of this flow run's deployment (its deployment name when not a stage)."""
+    from prefect.runtime import deployment
+
+    name = deployment.name or ""
+    from .ops import STAGES
+
+    return next((stage for stage, (dep, _) in STAGES.items() if dep == name), name)
+
+
+def hint_key(flow_run_id: str) -> str:
+    """The artifact key of a flow run's resume hint: one key per run, so a later version (the
+    retry's "resolved") supersedes the failure's hint, in the run's Artifacts tab and on the
+    Artifacts page."""
+    return f"resume-hint-{flow_run_id}".lower()
+
+
 def resume_markdown(stage: str, error: BaseException) -> str:
-    from prefect.runtime import flow_run
+    """The hint for a failed stage: the error, and only the fixes that can work for it."""
+    from prefect.runtime import deployment, flow_run
+
+    from know_core.errors import one_line
 
     run_id = flow_run.id or "<flow-run-id>"
-    return (
-        f"## {stage} failed\n\n`{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}`\n\n"
-        "Finished work is kept (complete runs in the store, cached task results). Resume with either:\n\n"
-        f"```\nknow resume {run_id}\nprefect flow-run retry {run_id}\n```\n"
-    )
+    text = f"## {stage} failed\n\n" + _code_block(f"{type(error).__name__}: {one_line(error)}")
+    if _needs_new_parameters(error):
+        text += ("\nA setting of this run causes it: resuming the flow run would repeat its parameters and fail "
+                 "the same way. Start a new run with the setting the error names fixed (or after the step it asks "
+                 "for)")
+        if deployment.id:
+            text += ":\n\n" + _code_block(f"know submit {_submit_stage() or '<stage>'} --param <name>=<fixed value>",
+                                           "bash")
+        else:
+            text += ": the same `know` command with that option changed.\n"
+        return text
+    text += ("\nFix the cause, then resume: finished work is kept (complete runs in the store, a meta-training's "
+             "epoch checkpoints, a completed prediction with the same inputs).\n\n")
+    if deployment.id:
+        text += _code_block(f"know resume {run_id}\nprefect flow-run retry {run_id}", "bash")
+    else:  # a local run: Prefect's retry needs the entrypoint, `know resume` knows it
+        text += _code_block(f"know resume {run_id}", "bash")
+    return text
+
+
+def _publish_resolved(stage: str) -> None:
+    """After a retry completed: supersede this run's failure hint (same key), if it has one."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id or (flow_run.run_count or 1) <= 1:
+        return
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = hint_key(flow_run.id)
+    with get_client(sync_client=True) as client:
+        if not client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1):
+            return
+    create_markdown_artifact(f"## {stage}: resolved by retry\n\nAttempt {flow_run.run_count} of flow run "
+                             f"`{flow_run.id}` completed; the earlier failure hint no longer applies.\n",
+                             key=key, description=f"{stage}: resolved by retry")
 
 
 @contextmanager
 def resume_hint(stage: str):
-    """On failure, publish a markdown artifact that shows the exact resume command."""
+    """On failure, publish a markdown artifact (key `resume-hint-<flow run id>`) with the fixes
+    that can work; when a retry of the same run completes, a new version says it is resolved."""
+    from prefect.runtime import flow_run
+
     try:
         yield
     except BaseException as e:
         try:
             from prefect.artifacts import create_markdown_artifact
 
-            create_markdown_artifact(resume_markdown(stage, e), key="resume-hint",
-                                     description=f"How to resume the failed {stage} stage")
+            create_markdown_artifact(resume_markdown(stage, e), key=hint_key(flow_run.id or "local"),
+                                     description=f"How to fix the failed {stage} stage")
         except Exception:  # noqa: BLE001 - never hide the real error behind the hint
             pass
         raise
+    try:
+        _publish_resolved(stage)
+    except Exception:  # noqa: BLE001 - the stage completed; a missing note must not fail it
+        pass

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -33,6 +34,10 @@ from torch import nn
 from .data import ImageData, nested_subsets, subset_sizes
 from .errors import BadInput
 from .layout import flatten_state, param_layout
+
+#: set to stop every training loop at its next batch (KeyboardInterrupt there): the CLI sets
+#: it on Ctrl-C, so that runs in worker threads stop too, not only the main thread
+STOP = threading.Event()
 
 
 def pick_device(device: str | torch.device | None = "auto", model: nn.Module | None = None) -> torch.device:
@@ -115,6 +120,8 @@ def run_epoch(
     perm = torch.randperm(n, generator=gen)
     total, seen = 0.0, 0
     for start, stop in batch_slices(n, batch_size, merge_single, drop_last):
+        if STOP.is_set():
+            raise KeyboardInterrupt("training stopped (interrupted)")
         idx = perm[start:stop]
         xb = x[idx].to(device, non_blocking=True)
         yb = y[idx].to(device, non_blocking=True)

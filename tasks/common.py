@@ -1,6 +1,7 @@
 """Shared task plumbing: thread settings, retry policy, logging outside a run."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -21,6 +22,8 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
         state.result()
     except NOT_RETRYABLE:
         return False
+    except OSError as e:  # a full, read-only or forbidden disk stays so: retry other I/O errors only
+        return e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
     except Exception:  # noqa: BLE001
         return True
     return True
