@@ -15,8 +15,8 @@ from typing import Annotated
 import cyclopts
 from cyclopts import Parameter
 
-from params import (CollectParams, ExperimentParams, ExportParams, MetaTrainParams, PredictParams, ResumeParams,
-                    RunsParams, SubmitParams, TrajectoryParams)
+from params import (CollectParams, ExperimentParams, ExportParams, ImportParams, MetaTrainParams, PredictParams,
+                    ResumeParams, RunsParams, ScheduleParams, StudyParams, SubmitParams, TrajectoryParams)
 
 from .display import console, print_l1_table, print_runs, watch_experiment, watch_runs, wide_console
 
@@ -24,6 +24,39 @@ app = cyclopts.App(name="know", help="KNOW pipeline: collect forgetting trajecto
                    "predict knowledge-overflowed weights, evaluate them.", result_action="return_value")
 
 Flat = Parameter(name="*")
+
+
+def apply_config(argv: list[str]) -> list[str]:
+    """`know run --config FILE.toml`: every field the file names becomes a default of that
+    command (options given on the command line still win); returns argv without --config.
+    Any other command line is returned as it is."""
+    argv = list(argv)
+    app.config = ()
+    if argv[:1] == ["run"]:
+        argv, config = _pop_option(argv, "--config")
+        if config is not None:
+            import cyclopts.config
+
+            from know_core.errors import MissingData
+
+            if not Path(config).is_file():
+                raise MissingData(f"--config {config}: no such file; pass a TOML file of `know run` settings")
+            app.config = cyclopts.config.Toml(config, must_exist=True, use_commands_as_keys=False)
+    return argv
+
+
+def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """argv without `name VALUE` / `name=VALUE`, and VALUE (None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            if i + 1 >= len(argv):
+                from know_core.errors import BadInput
+
+                raise BadInput(f"{name} needs a value")
+            return argv[:i] + argv[i + 2:], argv[i + 1]
+        if arg.startswith(name + "="):
+            return argv[:i] + argv[i + 1:], arg.split("=", 1)[1]
+    return argv, None
 
 
 def _require_store(store: str) -> None:
@@ -59,9 +92,31 @@ def trajectory(*, p: Annotated[TrajectoryParams, Flat] = TrajectoryParams()):
 
 @app.command
 def runs(*, p: Annotated[RunsParams, Flat] = RunsParams()):
-    """List the runs in a store with their status and hyper-parameters."""
+    """List the runs in a store with their status and hyper-parameters.
+
+    --verify reads every chunk of every complete run, prediction and checkpoint and checks it
+    (crc32c; a missing or truncated chunk is damage too). Each damaged one is marked 'damaged'
+    in the store and printed as one `error:` line naming the run, the stage and the chunk file;
+    the same `know collect` (or `know trajectory`, `know predict`) then rewrites it. Exit
+    status: 0 when everything read back intact, 2 when anything is damaged."""
     _require_store(p.store)
+    if not p.verify:
+        print_runs(p.store)
+        return
+    from rich.markup import escape
+
+    from storage.trajectory import TrajectoryStore
+
+    from .errors import EXIT_BAD_INPUT
+
+    report = TrajectoryStore(p.store).verify()
     print_runs(p.store)
+    for damage in report.damaged:
+        console.print(f"[bold red]error:[/] {escape(str(damage))}", highlight=False, soft_wrap=True)
+    if report.damaged:
+        raise SystemExit(EXIT_BAD_INPUT)
+    console.print(f"[green]verified:[/] {report.runs} complete runs, {report.predictions} predictions and "
+                  f"{report.checkpoints} checkpoints read back intact", highlight=False)
 
 
 @app.command(name="meta-train")
@@ -110,6 +165,37 @@ def export(*, p: Annotated[ExportParams, Flat]):
                   f"BN statistics: {info['bn_recalibrated_on']})", highlight=False)
 
 
+@app.command(name="import-release")
+def import_release(p: Annotated[ImportParams, Flat]):
+    """Import the authors' released meta-data (.mat v7.3 files) as complete independent-mode runs.
+
+    One run per file, with model, data set, r, lr and batch size from its name
+    (`<model>_<dataset>_r<rate>_lr<lr>_bs<batch>[_<anything>].mat`) unless given as options; file
+    stage index 6 (the full data) becomes stage 0. A file already imported is skipped. Every
+    file is checked before any is written. Then `know meta-train` trains on them (method §3)."""
+    from flows.release import import_release as import_flow, preflight
+
+    preflight(p)
+    results = import_flow(p)
+    done = sum(r["status"] == "imported" for r in results)
+    console.print(f"[green]imported {done} of {len(results)} files[/] into {p.store} ({len(results) - done} were "
+                  "already there)", highlight=False)
+    print_runs(p.store, [r["run_id"] for r in results])
+
+
+@app.command
+def study(*, p: Annotated[StudyParams, Flat] = StudyParams()):
+    """Run the regime study: a grid of `know run` variants (screen: 6 hypotheses, one each,
+    against the standard run), then study.csv/.md, gain_vs_coherence.png and a conclusion
+    written from the numbers. Variants share the store, KNOWN and fine-tune cells, so a re-run
+    recomputes nothing that finished."""
+    from flows.study import know_study, preflight
+
+    preflight(p)
+    know_study(p)
+    wide_console(200).print((Path(p.out) / "study.md").read_text())
+
+
 @app.command
 def run(*, p: Annotated[ExperimentParams, Flat] = ExperimentParams()):
     """Run the whole KNOW experiment and print its summary table.
@@ -117,7 +203,12 @@ def run(*, p: Annotated[ExperimentParams, Flat] = ExperimentParams()):
     Collects meta-trajectories, meta-trains KNOWN, pre-trains a source model, records its
     forgetting trajectory, predicts x2/x4/x8 weights and fine-tunes every start point on a
     target task over several seeds. --preset fills every option not given; a finished stage
-    is reused when run again."""
+    is reused when run again.
+
+    --config FILE.toml: a custom experiment; the file holds fields of this command (the names
+    of the options with '_' for '-', as in the UI form and `know submit --param`), e.g.
+    `preset = "quick"`, `model = "torchvision:resnet18"`, `source_dataset = "image-folder"`.
+    Options given on the command line win over the file."""
     from flows.experiment import know_run, preflight
 
     plan = preflight(p)
@@ -162,10 +253,13 @@ def resume(p: Annotated[ResumeParams, Flat]):
     """Retry a failed or crashed flow run; finished work (complete runs, cached results) is reused.
 
     A run of a deployment goes back to Scheduled and its pool's worker runs it again (like
-    `prefect flow-run retry`); a local run (from `know collect` etc.) re-runs here."""
+    `prefect flow-run retry`); a local run (from `know collect` etc.) re-runs here. A run left
+    RUNNING or CANCELLING by a dead worker is marked Crashed first, with its orphaned task runs,
+    once it has sent no heartbeat for two heartbeat intervals (--force: at once)."""
     from flows.ops import resume as resume_run
 
-    how, state = resume_run(p.flow_run_id)
+    how, state = resume_run(p.flow_run_id, force=p.force,
+                            notify=lambda line: console.print(line, highlight=False, soft_wrap=True))
     if how == "scheduled":
         console.print(f"flow run {p.flow_run_id} scheduled again; a worker of its pool will pick it up", highlight=False)
         if p.watch:
@@ -174,3 +268,22 @@ def resume(p: Annotated[ResumeParams, Flat]):
     console.print(f"flow run {p.flow_run_id} re-ran locally: {state}", highlight=False)
     if state != "COMPLETED":
         raise SystemExit(1)
+
+
+@app.command
+def schedule(p: Annotated[ScheduleParams, Flat]):
+    """Switch a deployment schedule on or off, keeping the schedule's parameters.
+
+    `prefect deployment schedule resume|pause` sends `active` alone, and this Prefect server
+    then empties the schedule's parameters (its runs would use the defaults). This re-sends
+    them with the change and reads the schedule back:
+
+        know schedule on know-collect nightly-meta-data"""
+    from flows.ops import set_schedule
+
+    info = set_schedule(p.deployment, p.schedule, active=p.action == "on")
+    state = "on" if info.active else "off"
+    done = "switched" if info.changed else "already"
+    console.print(f"schedule {info.slug or info.schedule_id} of {info.deployment} {done} {state} ({info.schedule}); "
+                  f"parameters: {info.parameters or '{} (none: its runs take the deployment defaults; `prefect deploy --all` restores the ones of prefect.yaml)'}",
+                  highlight=False, soft_wrap=True)

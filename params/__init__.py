@@ -8,7 +8,9 @@ description are written. The `know` commands, the Prefect UI form, `prefect.yaml
     meta-train     params.predict.MetaTrainParams    meta_train.meta_train_known
     predict        params.predict.PredictParams      predict.predict_weights
     export         params.predict.ExportParams       (a store-to-file transform, no flow)
+    import-release params.release.ImportParams       release.import_release
     run            params.experiment.ExperimentParams  experiment.know_run
+    study          params.study.StudyParams          study.know_study
     pipeline       params.pipeline.PipelineParams    pipeline.collect_and_enhance
 
 This package imports pydantic and know_core only, so `know --help` never imports Prefect.
@@ -16,9 +18,11 @@ This package imports pydantic and know_core only, so `know --help` never imports
 from .collect import CollectParams, TrajectoryParams
 from .common import describe, option
 from .experiment import ExperimentParams
-from .ops import ResumeParams, SubmitParams
+from .ops import ResumeParams, ScheduleParams, SubmitParams
 from .pipeline import PipelineParams
 from .predict import ExportParams, MetaTrainParams, PredictParams, RunsParams
+from .release import ImportParams
+from .study import StudyParams
 
 #: CLI command -> its stage model
 COMMANDS = {
@@ -28,10 +32,13 @@ COMMANDS = {
     "meta-train": MetaTrainParams,
     "predict": PredictParams,
     "export": ExportParams,
+    "import-release": ImportParams,
     "run": ExperimentParams,
+    "study": StudyParams,
     "submit": SubmitParams,
     "resume": ResumeParams,
+    "schedule": ScheduleParams,
 }
 
-__all__ = ["CollectParams", "TrajectoryParams", "MetaTrainParams", "PredictParams", "ExportParams", "RunsParams",
-           "ExperimentParams", "PipelineParams", "SubmitParams", "ResumeParams", "COMMANDS", "describe", "option"]
+__all__ = ["StudyParams", "CollectParams", "TrajectoryParams", "MetaTrainParams", "PredictParams", "ExportParams", "RunsParams",
+           "ExperimentParams", "PipelineParams", "SubmitParams", "ResumeParams", "ScheduleParams", "ImportParams", "COMMANDS", "describe", "option"]

@@ -120,17 +120,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def _env(prefect_home: Path) -> dict[str, str]:
-    """A `know` subprocess's environment: its own PREFECT_HOME and ephemeral server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PREFECT_HOME": str(prefect_home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
+from test_resume import _env  # noqa: E402 - a `know` subprocess's environment: its own PREFECT_HOME
 
 
 def _start_know(store: Path, home: Path, log: Path) -> subprocess.Popen:

@@ -216,7 +216,7 @@ def test_unknown_preset(tmp_path, capfd):
     from flows.experiment import preset_params
     from tasks.common import BadInput
 
-    with pytest.raises(BadInput, match="unknown preset 'nope'; choose one of: standard, full, mnist, half-data, quick"):
+    with pytest.raises(BadInput, match="unknown preset 'nope'; choose one of: standard, full, mnist, half-data, paper, quick"):
         preset_params("nope")
     capfd.readouterr()
     with pytest.raises(SystemExit) as exc:
