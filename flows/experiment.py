@@ -158,6 +158,7 @@ def plan(p: ExperimentParams) -> ExperimentPlan:
     target = TrajectoryParams(
         store=store, dataset=p.source_dataset, data_dir=p.dir_of("source"), classes=p.source_classes,
         limit=p.source_limit, model=p.model, model_kwargs=p.model_kwargs, head=p.head, augment=p.augment,
+        checkpoint=p.checkpoint,
         width=p.width, pretrain_epochs=p.pretrain_epochs, pretrain_lr=p.pretrain_lr,
         pretrain_batch_size=p.pretrain_batch_size, r=p.r, stages=p.window + 2, lr=p.traj_lr,
         batch_size=p.traj_batch_size, seed=0, device=p.device, optimizer=p.optimizer)

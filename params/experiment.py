@@ -107,6 +107,8 @@ class ExperimentParams(ModelFields, OptimizerField, DeviceField):
     model: str = Field("resnet", description="Model of the source/target network: a built-in name, "
                        "torchvision:NAME, timm:NAME or package.module:callable")
     width: int = Field(24, ge=0, description="Model width (resnet 24 = ~170k parameters)")
+    checkpoint: str = Field("", description="State_dict file (.pt or .safetensors) used as Θ0 instead of pre-training "
+                            "on the source data (see `know trajectory --checkpoint`)")
     pretrain_epochs: int = Field(5, ge=1, description="Source pre-training epochs")
     pretrain_lr: float = Field(1e-3, gt=0, description="Source pre-training Adam lr")
     pretrain_batch_size: int = Field(128, ge=1, description="Source pre-training batch size")

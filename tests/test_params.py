@@ -161,3 +161,13 @@ def test_r_one_third_labels_and_steps_come_from_r():
     assert ("know", 9.0) in p.method_factors() and ("shrink", 9.0) in p.method_factors()
     with pytest.raises(ValidationError, match="power"):
         ExperimentParams(r=1 / 3, methods="naive,know:8")
+
+
+def test_a_run_checkpoint_reaches_the_target_trajectory(tmp_path):
+    from flows.experiment import plan
+
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"x")
+    assert plan(ExperimentParams(checkpoint=str(ck))).target.checkpoint == str(ck)
+    with pytest.raises(ValidationError):
+        plan(ExperimentParams(checkpoint=str(tmp_path / "missing.pt")))
