@@ -6,6 +6,26 @@ from contextlib import contextmanager
 from prefect.task_runners import ThreadPoolTaskRunner
 
 
+def refuse_other_record(out: str, record_name: str, identity: dict, force: bool, what: str) -> None:
+    """BadInput when the output folder `out` is a file, or its `record_name` JSON names a
+    different `what` (experiment, study) than `identity` and `force` is off."""
+    import json
+    from pathlib import Path
+
+    from know_core.errors import BadInput
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"output path {folder} is a file; pass a folder with --out")
+    record = folder / record_name
+    if record.exists() and not force:
+        old = json.loads(record.read_text())
+        if old != identity:
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            raise BadInput(f"{folder} holds a different {what} (differs in: {', '.join(diff[:5])}); "
+                           "use another --out or pass --force")
+
+
 def make_runner(runner: str = "thread", workers: int = 1, dask_address: str = "", gpu: bool = False):
     """A task runner for the fan-out.
 

@@ -38,7 +38,7 @@ from tasks.evaluate import CellSpec, TargetSpec, finetune_cell, target_diagnosti
 from tasks.predict import predict_run
 
 from .collect import collect_trajectories
-from .common import make_runner, resume_hint
+from .common import make_runner, refuse_other_record, resume_hint
 from .meta_train import meta_train_known
 from .trajectory import forgetting_trajectory, target_specs
 from .trajectory import preflight as trajectory_preflight
@@ -98,16 +98,7 @@ def refuse_cpu_for_gpu_preset(p: ExperimentParams) -> None:
 
 def refuse_other_experiment(p: ExperimentParams) -> None:
     """BadInput when the output folder is a file, or holds a different experiment and p.force is off."""
-    out = Path(p.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"output path {out} is a file; pass a folder with --out")
-    record = out / "experiment.json"
-    if record.exists() and not p.force:
-        old = json.loads(record.read_text())
-        if old != p.identity():
-            diff = sorted(k for k in set(old) | set(p.identity()) if old.get(k) != p.identity().get(k))
-            raise BadInput(f"{out} holds a different experiment (differs in: {', '.join(diff[:5])}); "
-                           "use another --out or pass --force")
+    refuse_other_record(p.out, "experiment.json", p.identity(), p.force, "experiment")
 
 
 def check_out_dir(p: ExperimentParams) -> Path:

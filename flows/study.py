@@ -18,22 +18,16 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from know_core.errors import BadInput
 from params.study import StudyParams
 from storage.results import load_table, save_figure, save_table, save_text
 
-from .common import resume_hint
+from .common import refuse_other_record, resume_hint
 from .experiment import know_run, preflight as experiment_preflight
 
 
 def preflight(p: StudyParams) -> dict:
     """Every variant's own checks (data, folders) before the first one starts."""
-    out = Path(p.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"output path {out} is a file; pass a folder with --out")
-    record = out / "study.json"
-    if record.exists() and not p.force and json.loads(record.read_text()) != _identity(p):
-        raise BadInput(f"{out} holds a different study; use another --out or pass --force")
+    refuse_other_record(p.out, "study.json", _identity(p), p.force, "study")
     experiments = p.experiments()
     for exp in experiments.values():
         experiment_preflight(exp)
