@@ -121,16 +121,17 @@ def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto", threads: 
     set_torch_threads(threads)
     store = TrajectoryStore(store_url)
     ckpt = spec.checkpoint_id
-    record = store.checkpoint(ckpt)
-    if record is not None and record.is_complete:
-        if store.load_optimizer_state(ckpt) is not None:
-            log.info("checkpoint %s already complete: skipped", ckpt)
-            return ckpt
-        log.info("checkpoint %s has no Adam state (written before the carry regime): pre-training it again", ckpt)
 
-    def usable() -> bool:  # complete with its Adam state (what the skip above asks), from the record alone
+    def usable() -> bool:  # complete with its Adam state, from the record alone (the moments are read when used)
         rec = store.checkpoint(ckpt)
         return rec is not None and rec.is_complete and rec.adam_step is not None
+
+    if usable():
+        log.info("checkpoint %s already complete: skipped", ckpt)
+        return ckpt
+    record = store.checkpoint(ckpt)
+    if record is not None and record.is_complete:
+        log.info("checkpoint %s has no Adam state (written before the carry regime): pre-training it again", ckpt)
 
     lease = store.lease_checkpoint(ckpt, done=usable, log=log)  # waits while another process pre-trains it
     if lease is None:
