@@ -94,6 +94,47 @@ def _cpu_state(module_state: dict) -> dict:
     return {k: v.detach().to("cpu").clone() for k, v in module_state.items()}
 
 
+def _new_model(cfg: MetaConfig, device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    with torch.random.fork_rng(devices=[]):  # init from cfg.seed, global RNG untouched
+        torch.manual_seed(cfg.seed)
+        model = _known().KNOWN()
+    model.to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def _step(model, opt, Xs, s, w5, Y, cfg: MetaConfig, m: int, device) -> float:
+    """One Adam step on a minibatch; returns its summed data L1 (penalty excluded).
+    m is the number of pairs of an epoch (l1_mode 'epoch' spreads one penalty over it)."""
+    pred = _predict(model, Xs, s, w5, device)
+    data_loss = (pred - Y.to(device)).abs().mean()
+    loss = data_loss
+    if cfg.l1_reg:
+        loss = loss + (1.0 if cfg.l1_mode == "keras" else Y.shape[0] / m) * model.l1_penalty()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(data_loss.detach()) * Y.shape[0]
+
+
+def _snapshot(model, opt, cfg, epoch, best, since_best, best_model, history, **extra) -> dict:
+    """A resumable training state: tensors and plain values only (torch.load(weights_only=True))."""
+    return {"model": _cpu_state(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()), "epoch": epoch,
+            "best_val_l1": best, "epochs_since_best": since_best,
+            "best_model": {k: v.clone() for k, v in best_model.items()}, "history": [dict(r) for r in history],
+            "config": asdict(cfg), **extra}
+
+
+def _restore(model, opt, state: dict, cfg: MetaConfig):
+    """Load a _snapshot into model and opt; returns (epoch, best, since_best, history, best_model)."""
+    diff = [k for k in _RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"resume_state was made with a different config: {diff}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(copy.deepcopy(state["optimizer"]))
+    return (int(state["epoch"]), float(state["best_val_l1"]), int(state["epochs_since_best"]),
+            [dict(r) for r in state["history"]], _cpu_state(state["best_model"]))
+
+
 def train_known(
     X,
     Y,
@@ -121,7 +162,6 @@ def train_known(
     and ends with the same weights as an uninterrupted run.
     """
     cfg = cfg or MetaConfig()
-    known = _known()
     device = torch.device(cfg.device)
     X = torch.as_tensor(np.asarray(X, dtype=np.float32))
     Y = torch.as_tensor(np.asarray(Y, dtype=np.float32)).reshape(-1)
@@ -139,30 +179,14 @@ def train_known(
     Xvs, sv = _scaled(Xv, cfg.scaling)
     w5, w5v = X[:, -1], Xv[:, -1]
     m = Y.shape[0]
-    l1_weight = 1.0 if cfg.l1_mode == "keras" else None  # 'epoch': set per batch below
-
-    with torch.random.fork_rng(devices=[]):  # init from cfg.seed, global RNG untouched
-        torch.manual_seed(cfg.seed)
-        model = known.KNOWN()
-    model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model, opt = _new_model(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     epoch, best, since_best, history = 0, math.inf, 0, []
     best_model = _cpu_state(model.state_dict())
 
     if resume_state is not None:
-        saved = resume_state["config"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f"resume_state was made with a different config: {diff}")
-        model.load_state_dict(resume_state["model"])
-        opt.load_state_dict(copy.deepcopy(resume_state["optimizer"]))
+        epoch, best, since_best, history, best_model = _restore(model, opt, resume_state, cfg)
         gen.set_state(resume_state["rng"].clone())
-        epoch = int(resume_state["epoch"])
-        best = float(resume_state["best_val_l1"])
-        since_best = int(resume_state["epochs_since_best"])
-        history = [dict(r) for r in resume_state["history"]]
-        best_model = _cpu_state(resume_state["best_model"])
 
     while epoch < cfg.epochs and since_best < cfg.patience:
         t0 = time.perf_counter()
@@ -171,16 +195,7 @@ def train_known(
         total = 0.0
         for i in range(0, m, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            pred = _predict(model, Xs[idx], s[idx], w5[idx], device)
-            data_loss = (pred - Y[idx].to(device)).abs().mean()
-            loss = data_loss
-            if cfg.l1_reg:
-                weight = l1_weight if l1_weight is not None else idx.numel() / m
-                loss = loss + weight * model.l1_penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(data_loss.detach()) * idx.numel()
+            total += _step(model, opt, Xs[idx], s[idx], w5[idx], Y[idx], cfg, m, device)
         epoch += 1
         val = _val_l1(model, Xvs, sv, w5v, Yv, device)
         if val < best:
@@ -197,18 +212,108 @@ def train_known(
         }
         history.append(row)
         if on_epoch is not None:
-            state = {
-                "model": _cpu_state(model.state_dict()),
-                "optimizer": copy.deepcopy(opt.state_dict()),
-                "epoch": epoch,
-                "best_val_l1": best,
-                "epochs_since_best": since_best,
-                "best_model": {k: v.clone() for k, v in best_model.items()},
-                "history": [dict(r) for r in history],
-                "rng": gen.get_state(),
-                "config": asdict(cfg),
-            }
+            state = _snapshot(model, opt, cfg, epoch, best, since_best, best_model, history, rng=gen.get_state())
             on_epoch(dict(row), state)
+
+    model.load_state_dict(best_model)
+    model.eval()
+    return model, history
+
+
+def train_known_streamed(
+    train_blocks: list,
+    val_blocks: list,
+    read: Callable[[object], np.ndarray],
+    cfg: MetaConfig | None = None,
+    buffer_pairs: int = 1 << 22,
+    resume_state: dict | None = None,
+    on_epoch: Callable[[dict, dict], None] | None = None,
+    on_group: Callable[[dict], None] | None = None,
+):
+    """train_known on pairs streamed from blocks (know_core.pair_stream.Block), in memory
+    bounded by `buffer_pairs` pairs (or the largest block), whatever the number of blocks.
+
+    read(block) returns the block's raw values (n_stages, c1 - c0). Every epoch reads every
+    training block once: in an order drawn from (cfg.seed, epoch), packed into groups that fill
+    the buffer; a group's pairs are shuffled (seeded by seed, epoch and group) and cut into
+    minibatches. So pairs mix across the runs of a group, and the group order changes every
+    epoch. The validation L1 streams the validation blocks the same way, unshuffled.
+
+    on_group(state) runs after every group with a state from which `resume_state` continues
+    mid-epoch at the next group, ending with the same weights as an uninterrupted run (all
+    randomness is derived from seed, epoch and group; no buffer content is saved).
+    on_epoch(row, state) as in train_known.
+    """
+    from know_core.pair_stream import fill_pairs, group_blocks
+
+    cfg = cfg or MetaConfig()
+    device = torch.device(cfg.device)
+    if not train_blocks or not val_blocks:
+        raise ValueError(f"no {'train' if not train_blocks else 'val'} pairs")
+    m = sum(b.n_pairs for b in train_blocks)
+    size = max(buffer_pairs, *(b.n_pairs for b in (*train_blocks, *val_blocks)))
+    X, Y = np.empty((size, WINDOW), np.float32), np.empty(size, np.float32)
+
+    def load(group) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs of a group of blocks, in the buffer (views, valid until the next load)."""
+        n = 0
+        for b in group:
+            n += fill_pairs(read(b), b, X, Y, n, WINDOW)
+        return torch.from_numpy(X[:n]), torch.from_numpy(Y[:n])
+
+    @torch.no_grad()
+    def val_l1() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for group in group_blocks(val_blocks, range(len(val_blocks)), buffer_pairs):
+            Xg, Yg = load(group)
+            Xs, s = _scaled(Xg, cfg.scaling)
+            total += _val_l1(model, Xs, s, Xg[:, -1], Yg, device) * Yg.shape[0]
+            count += Yg.shape[0]
+        return total / max(1, count)
+
+    model, opt = _new_model(cfg, device)
+    epoch, best, since_best, history = 0, math.inf, 0, []
+    best_model = _cpu_state(model.state_dict())
+    start_group, total, t_spent = 0, 0.0, 0.0
+    if resume_state is not None:
+        epoch, best, since_best, history, best_model = _restore(model, opt, resume_state, cfg)
+        start_group = int(resume_state.get("group", 0))
+        total, t_spent = float(resume_state.get("train_sum", 0.0)), float(resume_state.get("wall_s", 0.0))
+
+    while epoch < cfg.epochs and since_best < cfg.patience:
+        t0 = time.perf_counter() - t_spent
+        model.train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_blocks))
+        groups = group_blocks(train_blocks, order, buffer_pairs)
+        for g in range(start_group, len(groups)):
+            Xg, Yg = load(groups[g])
+            gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, g]).integers(1 << 62)))
+            perm = torch.randperm(Yg.shape[0], generator=gen)
+            for i in range(0, Yg.shape[0], cfg.batch_size):
+                idx = perm[i : i + cfg.batch_size]
+                Xb = Xg[idx]
+                Xs, s = _scaled(Xb, cfg.scaling)
+                total += _step(model, opt, Xs, s, Xb[:, -1], Yg[idx], cfg, m, device)
+            if on_group is not None:
+                model.eval()
+                on_group(_snapshot(model, opt, cfg, epoch, best, since_best, best_model, history, group=g + 1,
+                                   train_sum=total, wall_s=time.perf_counter() - t0))
+                model.train()
+        epoch += 1
+        val = val_l1()
+        if val < best:
+            best, since_best = val, 0
+            best_model = _cpu_state(model.state_dict())
+        else:
+            since_best += 1
+        row = {"epoch": epoch, "train_l1": total / m, "val_l1": val, "best_val_l1": best,
+               "wall_s": time.perf_counter() - t0}
+        history.append(row)
+        start_group, total, t_spent = 0, 0.0, 0.0
+        if on_epoch is not None:
+            on_epoch(dict(row), _snapshot(model, opt, cfg, epoch, best, since_best, best_model, history, group=0,
+                                          train_sum=0.0, wall_s=0.0))
 
     model.load_state_dict(best_model)
     model.eval()

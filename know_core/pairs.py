@@ -39,6 +39,7 @@ import numpy as np
 
 from know_core.known import WINDOW  # noqa: F401 - KNOWN's input width, re-exported for the pair builders
 from know_core.layout import PREDICTED_KINDS, TensorSpec, layout_size
+from know_core.pair_stream import select_columns
 
 Pairs = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -47,12 +48,10 @@ Pairs = dict[str, tuple[np.ndarray, np.ndarray]]
 # trajectory diagnostics
 
 
-def _coherence(traj, slices: list[slice]) -> float:
-    """Mean cosine between consecutive steps Δk = θk − θk+1, restricted to `slices`.
-
-    Steps with zero norm make their cosines undefined (NaN); they are left out of the mean,
-    and NaN is returned when nothing is left.
-    """
+def coherence_sums(traj, slices: list[slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(dot (S-2,), sq (S-1,)): Σ Δk·Δk+1 and Σ |Δk|² over the columns `slices` of traj, with
+    Δk = θk − θk+1. Additive over disjoint columns, so a trajectory read in column blocks sums
+    its blocks' parts; coherence_of turns the totals into the coherence."""
     S = traj.shape[0]
     if S < 3:
         raise ValueError(f"run has {S} stages; coherence needs at least 3 (two steps)")
@@ -66,9 +65,23 @@ def _coherence(traj, slices: list[slice]) -> float:
             if prev is not None:
                 dot[k - 1] += prev @ d
             prev = d
+    return dot, sq
+
+
+def coherence_of(dot: np.ndarray, sq: np.ndarray) -> float:
+    """Mean cosine between consecutive steps from coherence_sums' totals.
+
+    Steps with zero norm make their cosines undefined (NaN); they are left out of the mean,
+    and NaN is returned when nothing is left.
+    """
     den = np.sqrt(sq[:-1] * sq[1:])
     cos = np.divide(dot, den, out=np.full_like(dot, np.nan), where=den > 0)
     return float(np.nanmean(cos)) if np.isfinite(cos).any() else float("nan")
+
+
+def _coherence(traj, slices: list[slice]) -> float:
+    """Mean cosine between consecutive steps Δk = θk − θk+1, restricted to `slices`."""
+    return coherence_of(*coherence_sums(traj, slices))
 
 
 def step_coherence(traj, layout: list[TensorSpec] | None = None) -> float:
@@ -169,19 +182,10 @@ def build_pairs(
             f"run has {S} stages; meta-training needs at least window+1 = {window + 1}"
         )
     windows = _window_stages(S, window, reverse)
-    gen = _as_rng(rng)
+    selected = select_columns(layout, S, max_per_kind, _as_rng(rng), window, kinds)
     out: Pairs = {}
     for kind in kinds:
-        specs = [s for s in layout if s.kind == kind]
-        idx = (
-            np.concatenate([np.arange(s.offset, s.stop) for s in specs])
-            if specs
-            else np.zeros(0, dtype=np.int64)
-        )
-        if max_per_kind is not None:
-            keep = max(1, max_per_kind // len(windows))
-            if keep < idx.size:
-                idx = np.sort(gen.choice(idx, size=keep, replace=False))
+        idx = selected[kind]
         sub = np.asarray(traj[:, idx], dtype=np.float32)  # (S, n_kept)
         X = np.concatenate([sub[stages].T for stages, _ in windows], axis=0)
         Y = np.concatenate([sub[target] for _, target in windows], axis=0)

@@ -43,7 +43,14 @@ class MetaTrainParams(StoreField):
     batch_size: int = Field(4096, ge=1, description="Pairs per Adam step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     patience: int = Field(3, ge=1, description="Epochs without a better validation L1 before stopping")
-    pairs_per_run: int = Field(20000, ge=1, description="Max pairs per run and kind (subsampled scalars)")
+    pairs_per_run: int = Field(20000, ge=0, description="Max pairs per run and kind (subsampled scalars); 0 = "
+                               "every scalar of every run")
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: every training pair in memory at once | stream: pairs read from the store "
+        "in chunk-aligned blocks through a shuffle buffer of --buffer-pairs (memory bounded by the buffer, "
+        "resumable mid-epoch) | auto: stream when the training pairs outgrow the buffer")
+    buffer_pairs: int = Field(4_194_304, ge=1024, description="Shuffle buffer of the streamed loader, in pairs "
+                              "(24 bytes each)")
     val_fraction: float = Field(0.25, gt=0, lt=1, description="Fraction of RUNS held out for validation")
     seed: int = Field(0, ge=0, description="Seed of the run split, subsampling and training")
     official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5, to add them to the comparison")

@@ -750,6 +750,14 @@ class TrajectoryStore:
         for c0 in range(0, arr.shape[1], step):
             yield c0, self._read(held, arr, stages, c0, c0 + step, complete=complete, listing=listing)
 
+    def column_reader(self, run_id: str):
+        """(chunk length, read) for block reads of one run: read(c0, c1) = weights[:, c0:c1],
+        checked as read_stages checks rows, with one chunk listing for every read."""
+        held, arr, complete = self._run_source(run_id)
+        listing = self._listing(arr) if complete else None
+        return arr.chunks[-1], lambda c0, c1: self._read(held, arr, slice(None), c0, c1, complete=complete,
+                                                         listing=listing)
+
     # -- checkpoints (pre-trained start points) ------------------------------------------
     def checkpoint_attrs(self, ckpt_id: str) -> dict[str, Any] | None:
         g = self._group(f"{CHECKPOINTS}/{ckpt_id}")

@@ -6,7 +6,9 @@
     <out>/val_l1.csv, <out>/runs.csv         the comparison table and per-run coherence
 
 A finished model directory (known.pt with a matching input hash) is not retrained; an
-interrupted one resumes from its last epoch checkpoint.
+interrupted one resumes from its last checkpoint: per epoch, and per buffer group when the
+pairs stream from the store (`--loader stream`, or `auto` when they outgrow `--buffer-pairs`),
+so memory stays bounded by the shuffle buffer whatever the size of the store.
 """
 from __future__ import annotations
 
@@ -23,14 +25,20 @@ from know_core.errors import BadInput
 from know_core.known import WINDOW, KnownSet, known_set_from_dict, load_official, save_known_set
 from know_core.layout import PREDICTED_KINDS
 from know_core.baselines import l1_table
-from know_core.meta import MetaConfig, train_known
-from know_core.pairs import build_pairs, pair_log_sizes, per_kind_coherence, split_runs_grouped, step_coherence
+from know_core.meta import MetaConfig, train_known, train_known_streamed
+from know_core.pair_stream import Block, fill_pairs, plan_blocks, select_columns
+from know_core.pairs import coherence_of, coherence_sums, pair_log_sizes, split_runs_grouped
 from storage.known_files import file_digest, known_path, load_known_payload, load_state, save_known, save_state
 from params.predict import MetaTrainParams
 from storage.records import RunRecord
 from storage.trajectory import TrajectoryStore, config_hash
 
 from .common import retry_unless_bad_input, run_logger, set_torch_threads
+
+
+#: pairs per run and kind that the validation-L1 table reads when training streams (memory stays
+#: bounded; the trained models saw every selected pair)
+REPORT_PAIRS = 20_000
 
 
 def eligible_runs(store: TrajectoryStore, spec: MetaTrainParams, meta_data: str) -> list[RunRecord]:
@@ -80,14 +88,45 @@ def split_by_model(runs: list[RunRecord], spec: MetaTrainParams) -> tuple[list[s
 
 
 def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int):
-    """(pairs, log sizes per kind, trajectory coherence, per-kind coherence) of one run."""
+    """(pairs, log sizes per kind, trajectory coherence, per-kind coherence) of one run, the
+    pairs as build_pairs(traj, layout, max_per_kind=cap or None, rng=seed) gives them. Read in
+    chunk-aligned column blocks: memory holds the selected pairs, never the whole run."""
     run = store.require_run(run_id)
-    traj = store.read_stages(run_id)
-    if not np.isfinite(traj).all():
-        raise BadInput(f"run {run_id} holds NaN/Inf weights; delete it and collect again")
-    pairs = build_pairs(traj, run.layout, WINDOW, max_per_kind=cap, rng=seed)
+    S, layout = run.n_stages, run.layout
+    selected = select_columns(layout, S, cap or None, seed, WINDOW)
+    read = block_reader(store)
+    chunk = store.weights(run_id).chunks[-1]
+    pairs = {}
+    for kind in PREDICTED_KINDS:
+        n = selected[kind].size
+        X, Y = np.empty((n * (S - WINDOW), WINDOW), np.float32), np.empty(n * (S - WINDOW), np.float32)
+        at = 0
+        for block in plan_blocks(run_id, kind, selected[kind], S, chunk, 1 << 22, WINDOW):
+            fill_pairs(read(block), block, X, Y, at, WINDOW, stride=n)
+            at += block.cols.size
+        pairs[kind] = (X, Y)
     sizes = {k: pair_log_sizes(run.stage_subset_sizes, len(Y)) for k, (X, Y) in pairs.items()}
-    return pairs, sizes, step_coherence(traj, run.layout), per_kind_coherence(traj, run.layout)
+    coh, coh_kind = streamed_coherence(store, run_id, layout)
+    return pairs, sizes, coh, coh_kind
+
+
+def streamed_coherence(store: TrajectoryStore, run_id: str, layout, max_values: int = 1 << 22):
+    """(step_coherence, per_kind_coherence) of a run, summed over column blocks of the store."""
+    sums: dict[str, list] = {}
+    for c0, values in store.iter_column_blocks(run_id, slice(None), max_values):
+        c1 = c0 + values.shape[1]
+        for kind in PREDICTED_KINDS:
+            slices = [slice(max(s.offset, c0) - c0, min(s.stop, c1) - c0) for s in layout
+                      if s.kind == kind and s.offset < c1 and s.stop > c0]
+            if slices:
+                if not np.isfinite(np.concatenate([values[:, sl] for sl in slices], axis=1)).all():
+                    raise BadInput(f"run {run_id} holds NaN/Inf weights; delete it and collect again")
+                dot, sq = coherence_sums(values, slices)
+                have = sums.setdefault(kind, [0.0, 0.0])
+                have[0], have[1] = have[0] + dot, have[1] + sq
+    total_dot = sum(v[0] for v in sums.values())
+    total_sq = sum(v[1] for v in sums.values())
+    return coherence_of(total_dot, total_sq), {k: coherence_of(*v) for k, v in sums.items()}
 
 
 def gather(store, run_ids, spec: MetaTrainParams):
@@ -100,12 +139,50 @@ def gather(store, run_ids, spec: MetaTrainParams):
     return pairs, sizes
 
 
+def pair_blocks(store: TrajectoryStore, run_ids: list[str], spec: MetaTrainParams, kind: str) -> list[Block]:
+    """The training pairs of `kind` of these runs as chunk-aligned blocks: the same scalars
+    as gather() selects (cap and seeds), read on demand by block_reader()."""
+    blocks = []
+    for i, rid in enumerate(run_ids):
+        run = store.require_run(rid)
+        cols = select_columns(run.layout, run.n_stages, spec.pairs_per_run or None, spec.seed + i, WINDOW)
+        chunk = store.weights(rid).chunks[-1]
+        blocks += plan_blocks(rid, kind, cols[kind], run.n_stages, chunk, max(1, spec.buffer_pairs // 4), WINDOW)
+    return blocks
+
+
+def block_reader(store: TrajectoryStore):
+    """read(block) -> the block's values (n_stages, c1 - c0), one chunk listing per run."""
+    readers: dict[str, object] = {}
+
+    def read(block: Block) -> np.ndarray:
+        if block.source not in readers:
+            readers[block.source] = store.column_reader(block.source)[1]
+        values = readers[block.source](block.c0, block.c1)
+        if not np.isfinite(values[:, block.cols]).all():
+            raise BadInput(f"run {block.source} holds NaN/Inf weights; delete it and collect again")
+        return values
+
+    return read
+
+
+def streams(spec: MetaTrainParams, store: TrajectoryStore, run_ids: list[str]) -> bool:
+    """Whether meta-training streams its pairs: loader 'stream', or 'auto' and the training
+    pairs of the largest kind outgrow the shuffle buffer."""
+    if spec.loader != "auto":
+        return spec.loader == "stream"
+    biggest = max(sum(b.n_pairs for b in pair_blocks(store, run_ids, spec, kind)) for kind in PREDICTED_KINDS)
+    return biggest > spec.buffer_pairs
+
+
 def known_input_hash(spec: MetaTrainParams, runs: list[RunRecord], train_ids: list[str], val_ids: list[str],
                      scaling: str) -> str:
     """What one KNOWN model is trained from: the settings, the run split and each run's
     completion stamp (a re-collected run is new data). Equal hash = the saved model is current."""
+    streamed = streams(spec, TrajectoryStore(spec.store), train_ids)
     return config_hash({**spec.model_dump(exclude={"out", "official_dir", "compare_modes", "meta_data", "scaling",
-                                                   "only_runs", "exclude_runs"}),
+                                                   "only_runs", "exclude_runs", "loader", "buffer_pairs"}),
+                        **({"loader": "stream", "buffer_pairs": spec.buffer_pairs} if streamed else {}),
                         "train": train_ids, "val": val_ids, "scaling": scaling,
                         "completed_at": {r.run_id: r.completed_at for r in runs}})
 
@@ -136,22 +213,32 @@ def train_known_set(spec: MetaTrainParams, meta_data: str, scaling: str) -> str:
     if known_path(out).exists() and load_known_payload(out).get("provenance", {}).get("input_hash") == input_hash:
         log.info("KNOWN %s/%s is up to date: skipped", meta_data, scaling)
         return str(out)
-    train_pairs, _ = gather(store, train_ids, spec)
-    val_pairs, _ = gather(store, val_ids, spec)
+    streamed = streams(spec, store, train_ids)
+    if streamed:
+        log.info("KNOWN %s/%s: pairs streamed from the store through a %d-pair shuffle buffer", meta_data, scaling,
+                 spec.buffer_pairs)
+    else:
+        train_pairs, _ = gather(store, train_ids, spec)
+        val_pairs, _ = gather(store, val_ids, spec)
     cfg = MetaConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, patience=spec.patience,
                      scaling=scaling, seed=spec.seed)
     models, histories = {}, {}
     for kind in PREDICTED_KINDS:
-        X, Y = train_pairs[kind]
-        Xv, Yv = val_pairs[kind]
-        if len(Y) == 0 or len(Yv) == 0:
+        if streamed:
+            train_blocks, val_blocks = pair_blocks(store, train_ids, spec, kind), pair_blocks(store, val_ids, spec, kind)
+            n_train, n_val = (sum(b.n_pairs for b in bl) for bl in (train_blocks, val_blocks))
+        else:
+            (X, Y), (Xv, Yv) = train_pairs[kind], val_pairs[kind]
+            n_train, n_val = len(Y), len(Yv)
+        if n_train == 0 or n_val == 0:
             raise BadInput(f"no {kind} weights in the meta-training runs; KNOWN {kind} cannot be trained")
         ckpt = out / f"ckpt-{kind}.pt"
         resume = load_state(ckpt)
         if resume is not None and resume.get("input_hash") != input_hash:
             resume = None
         if resume is not None:
-            log.info("resuming %s/%s/%s from epoch %s", meta_data, scaling, kind, resume.get("epoch"))
+            log.info("resuming %s/%s/%s from epoch %s%s", meta_data, scaling, kind, resume.get("epoch"),
+                     f", group {resume['group']}" if resume.get("group") else "")
 
         def on_epoch(row, state, kind=kind, ckpt=ckpt):
             log.info("meta %s/%s %s epoch %d: train L1 %.3e  val L1 %.3e", meta_data, scaling, kind,
@@ -159,8 +246,18 @@ def train_known_set(spec: MetaTrainParams, meta_data: str, scaling: str) -> str:
             save_state(ckpt, {**state, "input_hash": input_hash})
 
         t0 = time.perf_counter()
-        models[kind], histories[kind] = train_known(X, Y, Xv, Yv, cfg, resume_state=resume and {k: v for k, v in resume.items() if k != "input_hash"}, on_epoch=on_epoch)
-        log.info("KNOWN %s (%s, %s): %d train / %d val pairs, %.1fs", kind, meta_data, scaling, len(Y), len(Yv), time.perf_counter() - t0)
+        resume_state = resume and {k: v for k, v in resume.items() if k != "input_hash"}
+        if streamed:
+            def on_group(state, ckpt=ckpt):
+                save_state(ckpt, {**state, "input_hash": input_hash})
+
+            models[kind], histories[kind] = train_known_streamed(
+                train_blocks, val_blocks, block_reader(store), cfg, spec.buffer_pairs, resume_state=resume_state,
+                on_epoch=on_epoch, on_group=on_group)
+        else:
+            models[kind], histories[kind] = train_known(X, Y, Xv, Yv, cfg, resume_state=resume_state, on_epoch=on_epoch)
+        log.info("KNOWN %s (%s, %s): %d train / %d val pairs, %.1fs", kind, meta_data, scaling, n_train, n_val,
+                 time.perf_counter() - t0)
     provenance = {"store": spec.store, "meta_data": meta_data, "train_runs": train_ids, "val_runs": val_ids,
                   "input_hash": input_hash, "config": spec.model_dump(), "history": json.dumps(histories)}
     ks = KnownSet(models=models, scaling=scaling, source=str(out), provenance=provenance)
@@ -177,6 +274,8 @@ def meta_report(spec: MetaTrainParams, meta_data: str, model_dirs: list[str]) ->
     store = TrajectoryStore(spec.store)
     runs = eligible_runs(store, spec, meta_data)
     train_ids, val_ids = split_by_model(runs, spec)
+    if streams(spec, store, train_ids):  # the table is a comparison, not training: a sample of each run is enough
+        spec = spec.model_copy(update={"pairs_per_run": min(spec.pairs_per_run or REPORT_PAIRS, REPORT_PAIRS)})
     train_pairs, _ = gather(store, train_ids, spec)
     val_pairs, val_sizes = gather(store, val_ids, spec)
     known_sets: dict[str, KnownSet] = {}
