@@ -752,11 +752,20 @@ class TrajectoryStore:
 
     def column_reader(self, run_id: str):
         """(chunk length, read) for block reads of one run: read(c0, c1) = weights[:, c0:c1],
-        checked as read_stages checks rows, with one chunk listing for every read."""
+        checked as read_stages checks rows, with one chunk listing for every read. Rows are read
+        one at a time into the result, so a read holds one row's chunks beside it, not all."""
         held, arr, complete = self._run_source(run_id)
         listing = self._listing(arr) if complete else None
-        return arr.chunks[-1], lambda c0, c1: self._read(held, arr, slice(None), c0, c1, complete=complete,
-                                                         listing=listing)
+
+        def read(c0: int, c1: int) -> np.ndarray:
+            c1 = min(c1, arr.shape[-1])
+            out = np.empty((arr.shape[0], c1 - c0), dtype=arr.dtype)
+            for r in range(arr.shape[0]):
+                out[r] = self._read(held, arr, slice(r, r + 1), c0, c1, complete=complete, listing=listing,
+                                    row_base=0)[0]
+            return out
+
+        return arr.chunks[-1], read
 
     # -- checkpoints (pre-trained start points) ------------------------------------------
     def checkpoint_attrs(self, ckpt_id: str) -> dict[str, Any] | None:
