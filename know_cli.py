@@ -44,8 +44,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def command():
         nonlocal server
+        from cli.fastpath import finished_output
         from cli.server import needs_server, start_if_needed
 
+        finished = finished_output(argv)  # a finished `run`/`study` folder: no server, no flows
+        if finished is not None:
+            sys.stdout.write(finished + "\n")
+            return None
         server = start_if_needed(argv)  # spawned first: it boots while torch and the flows import
         if own_process and needs_server(argv):
             import prefect.main  # noqa: F401 - sets up Prefect's logging (the flows need it anyway)

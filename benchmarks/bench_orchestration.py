@@ -8,6 +8,8 @@ A: `know run --preset quick --out <fresh dir>` against a `prefect server start` 
 B: the same CLI command in a plain Python process with benchmarks/_direct.py installed: every
    flow and task runs as its `.fn`, maps run in a thread pool of the flow's task-runner size.
    Same code, same parameters, fresh out dir; no Prefect API, states or result persistence.
+R: after the loop, each A folder is run again (finished work: the CLI decides from its
+   done.json that nothing is left, cli/fastpath.py), against the server and without it.
 C: A with flow-run heartbeats off (the CLI called inside prefect's temporary_settings with
    PREFECT_FLOWS_HEARTBEAT_FREQUENCY = None). Where the time goes: Prefect 3.8.8's sync flow
    engine starts a heartbeat thread per flow run that sleeps in 1 s steps, and joins it when
@@ -35,6 +37,7 @@ from _common import ROOT, footer, header, median, ratio_line
 
 VENV_BIN = Path(sys.executable).parent
 GOAL = 1.10
+RERUN_GOAL = 0.15
 
 
 def free_port() -> int:
@@ -81,9 +84,10 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_cli(work: Path, tag: str, preset: str, api_url: str | None, child: str = "") -> float:
-    """`know run` under Prefect (api_url), or in a child of this script (child: direct | no-heartbeat)."""
-    out = work / f"out-{tag}"
+def run_cli(work: Path, tag: str, preset: str, api_url: str | None, child: str = "", out_tag: str = "") -> float:
+    """`know run` under Prefect (api_url), or in a child of this script (child: direct | no-heartbeat);
+    out_tag: the output folder of an earlier run (a re-run of finished work)."""
+    out = work / f"out-{out_tag or tag}"
     home = work / f"home-{tag}"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PYTHONPATH": str(ROOT)}
@@ -156,6 +160,9 @@ def main():
             use_api, child_mode = sides[side]
             walls[side].append(run_cli(work, f"{side}-{i}", args.preset, url if use_api else None, child_mode))
         info = prefect_breakdown(url)
+        firsts = [(i, side) for i, side in enumerate(order) if side == "prefect"]
+        reruns = [run_cli(work, f"rerun-{i}", args.preset, url, out_tag=f"{side}-{i}") for i, side in firsts]
+        reruns_own = [run_cli(work, f"rerun-own-{i}", args.preset, None, out_tag=f"{side}-{i}") for i, side in firsts]
     finally:
         if proc is not None:
             stop_server(proc)
@@ -168,6 +175,9 @@ def main():
     ratio_line("prefect_vs_direct_wall", a / b, GOAL,
                f"prefect {a:.1f} s vs direct {b:.1f} s: +{a - b:.1f} s, {(a - b) / flows:.2f} s per flow run",
                higher_is_better=False)
+    ratio_line("rerun_finished_vs_first_wall", median(reruns) / a, RERUN_GOAL,
+               f"re-run of a finished folder {median(reruns):.1f} s vs first run {a:.1f} s (against the server); "
+               f"without PREFECT_API_URL {median(reruns_own):.1f} s", higher_is_better=False)
     ratio_line("prefect_no_heartbeat_vs_direct_wall", c / b, GOAL,
                f"heartbeats off {c:.1f} s: the heartbeat joins cost {a - c:.1f} s ({(a - c) / flows:.2f} s per flow run)",
                higher_is_better=False)

@@ -143,13 +143,30 @@ def _publish_resolved(stage: str) -> None:
 
 
 @contextmanager
+def no_subflow_heartbeats():
+    """Sub-flows started inside send no heartbeats of their own.
+
+    Prefect 3.8.8's sync engine joins a flow run's heartbeat thread when the run ends, and that
+    thread sleeps in 1 s steps, so every flow run waits up to 1 s at its end: most of the
+    orchestration overhead of `know run` (7 flow runs). A sub-flow runs in its parent's
+    process, and the parent's heartbeats go on (its thread started before this block), so
+    `know resume` still sees the run tree alive (flows/ops.liveness reads the whole tree)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+@contextmanager
 def resume_hint(stage: str):
     """On failure, publish a markdown artifact (key `resume-hint-<flow run id>`) with the fixes
-    that can work; when a retry of the same run completes, a new version says it is resolved."""
+    that can work; when a retry of the same run completes, a new version says it is resolved.
+    Sub-flows started inside send no heartbeats of their own (no_subflow_heartbeats)."""
     from prefect.runtime import flow_run
 
     try:
-        yield
+        with no_subflow_heartbeats():
+            yield
     except BaseException as e:
         try:
             from prefect.artifacts import create_markdown_artifact

@@ -25,6 +25,7 @@ import pandas as pd
 from prefect import flow, task
 from prefect.futures import wait
 
+from storage.done import clear_done, write_done
 from storage.results import save_figure, save_table, save_text
 from storage.trajectory import TrajectoryStore
 from know_core.errors import BadInput
@@ -160,6 +161,11 @@ def plan(p: ExperimentParams) -> ExperimentPlan:
                           methods=p.method_factors(), tuned=p.tuned_rows(), lr_grid=p.naive_lr_values(), seeds=p.seeds)
 
 
+#: the products a finished experiment's done.json vouches for (a re-run with all of them intact
+#: and the same settings and runs does nothing: storage/done.py, cli/fastpath.py)
+DONE_FILES = ("results.csv", "summary.csv", "summary.md", "accuracy_vs_factor.png", "learning_curves.png")
+
+
 @task(name="write-report")
 def write_report(out: str, cells: list[dict], diagnostics: list[dict], notes: list[str], title: str) -> str:
     from know_core.plots import plot_accuracy_vs_factor, plot_learning_curves
@@ -233,6 +239,7 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
         pl = plan(p)
         methods = pl.methods
         out = check_out_dir(p)
+        clear_done(out)
         store = pl.store
         TrajectoryStore(store).prepare()
 
@@ -322,6 +329,7 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
                  "Every start point's BatchNorm statistics are re-estimated on the target training images before fine-tuning.",
                  *diagnostics_notes(diag)]
         md = write_report(str(out), results, diag, notes, f"KNOW experiment ({p.preset})")
+        write_done(out, p.identity(), store, [*meta_runs, target_run], files=list(DONE_FILES))
         print(md)
         return str(out)
 

@@ -13,12 +13,14 @@ study killed halfway and started again, recomputes nothing that finished.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow
 
 from params.study import StudyParams
+from storage.done import clear_done, write_done
 from storage.results import load_table, save_figure, save_table, save_text
 
 from .common import refuse_other_record, resume_hint
@@ -27,15 +29,11 @@ from .experiment import know_run, preflight as experiment_preflight
 
 def preflight(p: StudyParams) -> dict:
     """Every variant's own checks (data, folders) before the first one starts."""
-    refuse_other_record(p.out, "study.json", _identity(p), p.force, "study")
+    refuse_other_record(p.out, "study.json", p.identity(), p.force, "study")
     experiments = p.experiments()
     for exp in experiments.values():
         experiment_preflight(exp)
     return experiments
-
-
-def _identity(p: StudyParams) -> dict:
-    return p.model_dump(exclude={"out", "force", "workers", "device", "runner", "dask_address"})
 
 
 @flow(name="know-study", log_prints=True)
@@ -47,7 +45,8 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         experiments = preflight(params)
         out = Path(params.out)
         out.mkdir(parents=True, exist_ok=True)
-        save_text(json.dumps(_identity(params), indent=1, sort_keys=True), out / "study.json")
+        clear_done(out)
+        save_text(json.dumps(params.identity(), indent=1, sort_keys=True), out / "study.json")
         tables = {}
         for i, (name, exp) in enumerate(experiments.items(), 1):
             print(f"variant {i}/{len(experiments)}: {name}")
@@ -63,6 +62,8 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         save_table(table, out / "study.csv")
         save_text(md, out / "study.md")
         save_figure(plot_gain_vs_coherence(table), out / "gain_vs_coherence.png")
+        variant_files = [os.path.relpath(Path(exp.out) / "summary.md", out) for exp in experiments.values()]
+        write_done(out, params.identity(), files=["study.md", "study.csv", "gain_vs_coherence.png", *variant_files])
         try:
             from prefect.artifacts import create_markdown_artifact
 

@@ -173,6 +173,38 @@ def test_rerun_reuses_every_stage(first):
     assert seconds < first.seconds, (seconds, first.seconds)
 
 
+def _toml(values: dict) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if v is not None)
+
+
+@pytest.mark.needs_reference
+def test_finished_folder_is_done_before_any_engine_starts(first, tmp_path):
+    """A real `know run` process on the finished folder, pointed at a Prefect API that does not
+    exist: it can only succeed by deciding from done.json that nothing is left to do."""
+    from storage.done import is_done
+
+    out = first.out
+    assert is_done(out, first.params.identity())
+    config = tmp_path / "exp.toml"
+    config.write_text(_toml(first.params.identity()))
+    root = Path(know_cli.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(root / "know_cli.py"), "run", "--config", str(config), "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stdout and "| naive " in proc.stdout, proc.stdout[-2000:]
+
+    # anything that changes what the record vouches for makes it stale: settings, products
+    assert not is_done(out, first.params.model_copy(update={"seeds": 1}).identity())
+    summary = (out / "summary.md").read_text()
+    (out / "summary.md").write_text(summary + "edited\n")
+    try:
+        assert not is_done(out, first.params.identity())
+    finally:
+        (out / "summary.md").write_text(summary)
+    assert is_done(out, first.params.identity())
+
+
 @pytest.mark.needs_reference
 def test_other_experiment_in_same_folder_is_refused_unless_forced(first):
     from flows.experiment import know_run

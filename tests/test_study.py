@@ -63,6 +63,11 @@ def test_two_variant_study_shares_stages_and_reruns_for_free(tmp_path, capsys):
     md = (out / "study.md").read_text()
     assert "**Conclusion.**" in md and "No variant beats" in md  # 2 seeds can never pass the >= 5 seed rule
     assert (out / "gain_vs_coherence.png").stat().st_size > 1000
+    # the finished study's record: a `know study` with these settings does nothing (cli/fastpath.py)
+    from storage.done import is_done
+
+    assert is_done(out, params.identity())
+    assert not is_done(out, params.model_copy(update={"seeds": 3}).identity())
 
     # a re-run (as after a kill): every variant reused, no cell or chunk rewritten
     files = sorted(p for p in out.rglob("*") if p.is_file() and ("cells" in p.parts or "c" in p.parts))
