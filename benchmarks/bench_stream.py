@@ -152,6 +152,8 @@ def main():
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary stores go")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     ap.add_argument("--no-resnet18", action="store_true")
+    ap.add_argument("--reference-params", type=int, default=0, help="also stream a model of this size in the same "
+                    "run (e.g. 100000000 beside --params 1000000000) and print the throughput ratio")
     ap.add_argument("--child", choices=("predict", "inmem"), help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     ap.add_argument("--run-id", help=argparse.SUPPRESS)
@@ -185,6 +187,14 @@ def main():
               f"{big['peak_rss_mb']:.0f} MB (after imports {big['base_rss_mb']:.0f} MB), block_values {big['block_values']:,}",
               flush=True)
         inmem.append(run_child("inmem", *small))
+
+        ref = None
+        if args.reference_params:
+            w_ref = write_trajectory(work / "ref.zarr", "ref", synthetic_layout(args.reference_params))
+            ref = run_child("predict", "--store", str(work / "ref.zarr"), "--run-id", "ref", *blk)
+            print(f"# reference {args.reference_params:,} params ({w_ref['bytes'] / 1e9:.2f} GB): {ref['wall']:.1f} s "
+                  f"wall, peak RSS {ref['peak_rss_mb']:.0f} MB", flush=True)
+            shutil.rmtree(work / "ref.zarr", ignore_errors=True)
 
         r18 = None
         if not args.no_resnet18:
@@ -234,6 +244,11 @@ def main():
     ratio_line("stream_peak_rss_vs_1GB", big["peak_rss_mb"] / RSS_GOAL_MB, 1.0,
                f"peak RSS {big['peak_rss_mb']:.0f} MB for {args.params:,} params ({5 * 4 * args.params / 1e9:.1f} GB on disk)",
                higher_is_better=False)
+    if ref is not None:
+        ref_rate = args.reference_params / ref["wall"]
+        ratio_line("stream_vs_reference_size_throughput", st_wall / ref_rate, 0.8,
+                   f"{args.params:,} params {fmt_rate(st_wall, 'params/s')} ({big['wall']:.0f} s) vs "
+                   f"{args.reference_params:,} params {fmt_rate(ref_rate, 'params/s')} ({ref['wall']:.0f} s), wall")
     if r18 is not None:
         ratio_line("resnet18_wall_vs_paper", r18["wall"] / PAPER_RESNET18_S, None,
                    f"{r18['wall']:.2f} s for 3 steps ({r18['wall'] / 3:.2f} s per step) vs paper {PAPER_RESNET18_S} s; "
