@@ -55,9 +55,11 @@ def finished_output(argv: list[str]) -> str | None:
         from .commands import app, apply_config
 
         _, bound, _ = app.parse_args(apply_config(argv), exit_on_error=False, print_error=False)
-        p = bound.kwargs["p"]
-        if Path(p.out) != out or not is_done(p.out, p.identity()):
+        p = bound.kwargs.get("p") or bound.signature.parameters["p"].default  # no options: the defaults
+        if Path(p.out) != out or not is_done(p.out, p.done_identity()):
             return None
+        if argv[0] == "study" and not all(is_done(e.out, e.done_identity()) for e in p.experiments().values()):
+            return None  # a variant's runs or products changed (the store is the variants')
     except Exception:  # noqa: BLE001 - the normal path reports bad options properly
         return None
     name = "summary.md" if argv[0] == "run" else "study.md"

@@ -329,7 +329,7 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
                  "Every start point's BatchNorm statistics are re-estimated on the target training images before fine-tuning.",
                  *diagnostics_notes(diag)]
         md = write_report(str(out), results, diag, notes, f"KNOW experiment ({p.preset})")
-        write_done(out, p.identity(), store, [*meta_runs, target_run], files=list(DONE_FILES))
+        write_done(out, p.done_identity(), store, [*meta_runs, target_run], files=list(DONE_FILES))
         print(md)
         return str(out)
 

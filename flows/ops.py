@@ -257,6 +257,19 @@ async def _run_tree(client, run) -> list:
     return tree
 
 
+async def _unfinished_parent(client, run):
+    """The top-most in-process parent flow run of `run` that is not final, or None."""
+    found, current = None, run
+    while current.parent_task_run_id is not None and current.deployment_id is None:
+        parent_task = await client.read_task_run(current.parent_task_run_id)
+        if parent_task.flow_run_id is None:
+            break
+        current = await client.read_flow_run(parent_task.flow_run_id)
+        if current.state is not None and current.state.type.value in RECOVERABLE:
+            found = current
+    return found
+
+
 async def _orphan_task_runs(client, flow_run_ids: list) -> list:
     from prefect.client.schemas.filters import (TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterState,
                                                 TaskRunFilterStateType)
@@ -323,6 +336,10 @@ async def _recover_orphan(client, run, force: bool, notify: Callable[[str], None
     while the run still shows signs of life, unless `force`."""
     from prefect.states import Crashed
 
+    ancestor = await _unfinished_parent(client, run)
+    if ancestor is not None:  # sub-flows send no heartbeats of their own: only the root can tell
+        raise OpsError(f"flow run {run.id} is a sub-flow of flow run {ancestor.id} ({ancestor.name}), which is still "
+                       f"{ancestor.state.type.value}; run `know resume {ancestor.id}` instead")
     tree = await _run_tree(client, run)
     task_runs = await _orphan_task_runs(client, [fr.id for fr in tree])
     alive = await liveness(client, tree, task_runs)

@@ -63,7 +63,7 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         save_text(md, out / "study.md")
         save_figure(plot_gain_vs_coherence(table), out / "gain_vs_coherence.png")
         variant_files = [os.path.relpath(Path(exp.out) / "summary.md", out) for exp in experiments.values()]
-        write_done(out, params.identity(), files=["study.md", "study.csv", "gain_vs_coherence.png", *variant_files])
+        write_done(out, params.done_identity(), files=["study.md", "study.csv", "gain_vs_coherence.png", *variant_files])
         try:
             from prefect.artifacts import create_markdown_artifact
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from know_core.known import WINDOW  # noqa: F401 - KNOWN's input width, re-exported for the pair builders
 from know_core.layout import PREDICTED_KINDS, TensorSpec, layout_size
-from know_core.pair_stream import select_columns
+from know_core.pair_stream import as_index, select_columns
 
 Pairs = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -185,7 +185,7 @@ def build_pairs(
     selected = select_columns(layout, S, max_per_kind, _as_rng(rng), window, kinds)
     out: Pairs = {}
     for kind in kinds:
-        idx = selected[kind]
+        idx = as_index(selected[kind])
         sub = np.asarray(traj[:, idx], dtype=np.float32)  # (S, n_kept)
         X = np.concatenate([sub[stages].T for stages, _ in windows], axis=0)
         Y = np.concatenate([sub[target] for _, target in windows], axis=0)

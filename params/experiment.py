@@ -262,6 +262,12 @@ class ExperimentParams(ModelFields, OptimizerField, DeviceField):
         """What makes two experiments the same (run-time knobs excluded)."""
         return self.model_dump(exclude=RUNTIME_FIELDS)
 
+    def done_identity(self) -> dict:
+        """What a finished folder's done.json must match: the identity and where the products
+        live (another store, KNOWN folder or cell cache is other work)."""
+        return {**self.identity(), "store": self.store or f"{self.out}/store.zarr", "known_dir": self.known_dir,
+                "cache_dir": self.cache_dir}
+
 
 def preset_params(name: str, **overrides) -> ExperimentParams:
     """The preset `name` with `overrides` on top (what `know run --preset NAME ...` builds)."""

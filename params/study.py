@@ -111,6 +111,10 @@ class StudyParams(RunnerFields):
         """What makes two studies the same (run-time knobs excluded)."""
         return self.model_dump(exclude={"out", "force", "workers", "device", "runner", "dask_address"})
 
+    def done_identity(self) -> dict:
+        """What a finished study folder's done.json must match (its variants have their own)."""
+        return self.identity()
+
     def variants(self) -> list[Variant]:
         if self.preset == "screen":
             return [Variant(name, {**SCREEN_BASE, **o}) for name, o in SCREEN.items()]

@@ -26,7 +26,7 @@ from know_core.known import WINDOW, KnownSet, known_set_from_dict, load_official
 from know_core.layout import PREDICTED_KINDS
 from know_core.baselines import l1_table
 from know_core.meta import MetaConfig, train_known, train_known_streamed
-from know_core.pair_stream import Block, fill_pairs, plan_blocks, select_columns
+from know_core.pair_stream import Block, fill_pairs, plan_blocks, select_columns, selected_values
 from know_core.pairs import coherence_of, coherence_sums, pair_log_sizes, split_runs_grouped
 from storage.known_files import file_digest, known_path, load_known_payload, load_state, save_known, save_state
 from params.predict import MetaTrainParams
@@ -87,7 +87,7 @@ def split_by_model(runs: list[RunRecord], spec: MetaTrainParams) -> tuple[list[s
     return split_runs_grouped([r.run_id for r in runs], [r.model for r in runs], spec.val_fraction, spec.seed)
 
 
-def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int):
+def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int, coherence: bool = True):
     """(pairs, log sizes per kind, trajectory coherence, per-kind coherence) of one run, the
     pairs as build_pairs(traj, layout, max_per_kind=cap or None, rng=seed) gives them. Read in
     chunk-aligned column blocks: memory holds the selected pairs, never the whole run."""
@@ -98,15 +98,15 @@ def run_pairs(store: TrajectoryStore, run_id: str, cap: int, seed: int):
     chunk = store.weights(run_id).chunks[-1]
     pairs = {}
     for kind in PREDICTED_KINDS:
-        n = selected[kind].size
+        n = sum(b.n_scalars for b in plan_blocks(run_id, kind, selected[kind], S, chunk, 1 << 22, WINDOW))
         X, Y = np.empty((n * (S - WINDOW), WINDOW), np.float32), np.empty(n * (S - WINDOW), np.float32)
         at = 0
         for block in plan_blocks(run_id, kind, selected[kind], S, chunk, 1 << 22, WINDOW):
             fill_pairs(read(block), block, X, Y, at, WINDOW, stride=n)
-            at += block.cols.size
+            at += block.n_scalars
         pairs[kind] = (X, Y)
     sizes = {k: pair_log_sizes(run.stage_subset_sizes, len(Y)) for k, (X, Y) in pairs.items()}
-    coh, coh_kind = streamed_coherence(store, run_id, layout)
+    coh, coh_kind = streamed_coherence(store, run_id, layout) if coherence else (float("nan"), {})
     return pairs, sizes, coh, coh_kind
 
 
@@ -131,7 +131,7 @@ def streamed_coherence(store: TrajectoryStore, run_id: str, layout, max_values: 
 
 def gather(store, run_ids, spec: MetaTrainParams):
     """Concatenate the pairs of several runs, per kind."""
-    parts = [run_pairs(store, rid, spec.pairs_per_run, spec.seed + i) for i, rid in enumerate(run_ids)]
+    parts = [run_pairs(store, rid, spec.pairs_per_run, spec.seed + i, coherence=False) for i, rid in enumerate(run_ids)]
     pairs, sizes = {}, {}
     for kind in PREDICTED_KINDS:
         pairs[kind] = (np.concatenate([p[0][kind][0] for p in parts]), np.concatenate([p[0][kind][1] for p in parts]))
@@ -159,7 +159,7 @@ def block_reader(store: TrajectoryStore):
         if block.source not in readers:
             readers[block.source] = store.column_reader(block.source)[1]
         values = readers[block.source](block.c0, block.c1)
-        if not np.isfinite(values[:, block.cols]).all():
+        if not np.isfinite(selected_values(values, block)).all():
             raise BadInput(f"run {block.source} holds NaN/Inf weights; delete it and collect again")
         return values
 

@@ -184,7 +184,7 @@ def test_finished_folder_is_done_before_any_engine_starts(first, tmp_path):
     from storage.done import is_done
 
     out = first.out
-    assert is_done(out, first.params.identity())
+    assert is_done(out, first.params.done_identity())
     config = tmp_path / "exp.toml"
     config.write_text(_toml(first.params.identity()))
     root = Path(know_cli.__file__).resolve().parent
@@ -195,14 +195,15 @@ def test_finished_folder_is_done_before_any_engine_starts(first, tmp_path):
     assert "nothing to do" in proc.stdout and "| naive " in proc.stdout, proc.stdout[-2000:]
 
     # anything that changes what the record vouches for makes it stale: settings, products
-    assert not is_done(out, first.params.model_copy(update={"seeds": 1}).identity())
+    assert not is_done(out, first.params.model_copy(update={"seeds": 1}).done_identity())
+    assert not is_done(out, first.params.model_copy(update={"store": str(tmp_path / "other.zarr")}).done_identity())
     summary = (out / "summary.md").read_text()
     (out / "summary.md").write_text(summary + "edited\n")
     try:
-        assert not is_done(out, first.params.identity())
+        assert not is_done(out, first.params.done_identity())
     finally:
         (out / "summary.md").write_text(summary)
-    assert is_done(out, first.params.identity())
+    assert is_done(out, first.params.done_identity())
 
 
 @pytest.mark.needs_reference

@@ -66,8 +66,9 @@ def test_two_variant_study_shares_stages_and_reruns_for_free(tmp_path, capsys):
     # the finished study's record: a `know study` with these settings does nothing (cli/fastpath.py)
     from storage.done import is_done
 
-    assert is_done(out, params.identity())
-    assert not is_done(out, params.model_copy(update={"seeds": 3}).identity())
+    assert is_done(out, params.done_identity())
+    assert all(is_done(e.out, e.done_identity()) for e in params.experiments().values())
+    assert not is_done(out, params.model_copy(update={"seeds": 3}).done_identity())
 
     # a re-run (as after a kill): every variant reused, no cell or chunk rewritten
     files = sorted(p for p in out.rglob("*") if p.is_file() and ("cells" in p.parts or "c" in p.parts))
