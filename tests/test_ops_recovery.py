@@ -244,6 +244,10 @@ def test_resume_after_worker_killed(server, tmp_path):
         assert read(lambda c: c.read_flow_run(run_id)).state.type == StateType.CANCELLING
         tree = read(lambda c: _tree_ids(c, run.id))
         assert read(lambda c: _open_task_runs(c, tree)), "expected task runs left RUNNING by the killed worker"
+        # a sub-flow sends no heartbeats of its own: resuming it alone is refused, naming the root
+        assert len(tree) >= 2, tree
+        with pytest.raises(OpsError, match=rf"sub-flow of flow run {run.id}.*know resume {run.id}"):
+            resume(tree[1])
         # silent for less than the threshold: it might still be running somewhere, so it is refused.
         # (Asked with 10-minute heartbeats, i.e. a 20-minute threshold, so that a slow machine
         # between the kill and this call cannot make the answer depend on timing.)
