@@ -19,7 +19,8 @@ the next attempt key (`<key>:again<n>`) starts a fresh stage run, which recomput
 So re-running the pipeline, or retrying it, reuses the stage flow runs whose products are
 current, waits for the ones still running and retries the ones that failed; it never starts
 a duplicate. Waiting is event-driven (`flows.ops.wait` subscribes to the run's state
-events), not a poll loop.
+events), not a poll loop. When it ends (also when a stage failed) the pipeline run publishes a
+markdown artifact `pipeline-stages`: each stage run's name, state, id and link in the UI.
 
 The target run (unless `target_run` names one) is recorded at the fixed sampling rate
 `target_r` (0.5 unless set), so its prediction's step k acts as (1/target_r)^k times its data.
@@ -162,10 +163,11 @@ def latest_attempt(key: str, batch: int = 50) -> int:
 
 
 def run_stage(deployment: str, params: BaseModel, token: str = "", timeout_s: float = 86400, inputs: str = "",
-              current: Callable[[], bool] | None = None):
+              current: Callable[[], bool] | None = None, ran: list | None = None):
     """Start (or find) the stage's flow run for these parameters and inputs, retry it if an
     earlier attempt failed, start a fresh one if it completed but its products are no longer
-    current (`current()` false), and wait for its end."""
+    current (`current()` false), and wait for its end. The ended flow run is appended to `ran`
+    (also when it failed)."""
     from .ops import resume, wait
 
     log = get_run_logger()
@@ -189,6 +191,8 @@ def run_stage(deployment: str, params: BaseModel, token: str = "", timeout_s: fl
     else:
         log.info("%s: flow run %s (%s)", deployment, run.id, state.name if state else "?")
     run = wait(str(run.id), timeout_s)
+    if ran is not None:
+        ran.append(run)
     if not run.state.is_completed():
         raise StageFailed(f"stage {deployment} ended {run.state.name} (flow run {run.id}); fix the cause, then "
                           f"`know resume {run.id}` or retry this pipeline run")
@@ -199,6 +203,32 @@ def run_stage(deployment: str, params: BaseModel, token: str = "", timeout_s: fl
     return run
 
 
+def stages_markdown(stages: list[tuple[str, str, object]]) -> str:
+    """A table of the stage runs, (stage, deployment, FlowRun) each: name, state, UI link, id.
+    The link's base is Prefect's PREFECT_UI_URL (by default PREFECT_API_URL without `/api`);
+    with none (or PREFECT_UI_URL="") the table gives the id only."""
+    from prefect.utilities.urls import url_for
+
+    rows = ["| stage | deployment | flow run | state | id |", "|---|---|---|---|---|"]
+    for stage, deployment, run in stages:
+        url = url_for("flow-run", obj_id=str(run.id))
+        name = f"[{run.name}]({url})" if url else run.name
+        rows.append(f"| {stage} | {deployment} | {name} | {run.state.name if run.state else '?'} | `{run.id}` |")
+    return "## Stage runs of this pipeline run\n\n" + "\n".join(rows) + "\n"
+
+
+def publish_stages(stages: list[tuple[str, str, object]]) -> None:
+    """A markdown artifact (key `pipeline-stages`) of the stage runs so far. Never raises."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        done = sum(bool(run.state and run.state.is_completed()) for _, _, run in stages)
+        create_markdown_artifact(stages_markdown(stages), key="pipeline-stages",
+                                 description=f"{done} of {len(stages)} stage runs completed")
+    except Exception:  # noqa: BLE001 - the stages ran; the artifact only points at them
+        pass
+
+
 @flow(name="collect-and-enhance", log_prints=True)
 def collect_and_enhance(params: PipelineParams = PipelineParams()) -> dict:
     """Collect meta-trajectories and a target run at a fixed r, meta-train KNOWN on the former,
@@ -207,20 +237,29 @@ def collect_and_enhance(params: PipelineParams = PipelineParams()) -> dict:
         collect, meta, predict = stage_params(params)
         target = target_params(params)
         timeout, token = params.stage_timeout_hours * 3600, params.rerun_token
-        runs = {}
+        runs, ran = {}, []  # stage -> flow run id; (stage, deployment, FlowRun) of each ended stage run
 
         def stage(name: str, deployment: str, p: BaseModel, inputs: Callable[[], str] | None,
                   current: Callable[[], bool]) -> None:
             digest = inputs() if inputs else ""  # after the stages before it: their products are final
-            runs[name] = str(run_stage(deployment, p, token, timeout, digest, current).id)
+            ended: list = []
+            try:
+                runs[name] = str(run_stage(deployment, p, token, timeout, digest, current, ended).id)
+            finally:
+                ran.extend((name, deployment, r) for r in ended)
             print(f"{name} complete: flow run {runs[name]}")
 
-        stage("collect", params.collect_deployment, collect, None, lambda: runs_collected(collect))
-        if target is not None:
-            stage("target", params.collect_deployment, target, None, lambda: runs_collected(target))
-        stage("meta-train", params.meta_train_deployment, meta, lambda: meta_inputs(meta), lambda: known_current(meta))
-        stage("predict", params.predict_deployment, predict, lambda: predict_inputs(predict),
-              lambda: prediction_current(predict))
+        try:
+            stage("collect", params.collect_deployment, collect, None, lambda: runs_collected(collect))
+            if target is not None:
+                stage("target", params.collect_deployment, target, None, lambda: runs_collected(target))
+            stage("meta-train", params.meta_train_deployment, meta, lambda: meta_inputs(meta),
+                  lambda: known_current(meta))
+            stage("predict", params.predict_deployment, predict, lambda: predict_inputs(predict),
+                  lambda: prediction_current(predict))
+        finally:
+            if ran:
+                publish_stages(ran)
         run = TrajectoryStore(params.store).require_run(predict.run_id)
         print(f"run {predict.run_id} (r={run.sampling_rate:g}): prediction {predict.output_name!r} is in {params.store}")
         return {"flow_runs": runs, "target_run": predict.run_id, "target_r": run.sampling_rate,

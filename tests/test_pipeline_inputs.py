@@ -164,6 +164,62 @@ def test_a_stage_run_is_reused_only_while_its_products_are_current(tmp_path, sta
     print(f"4 pipeline runs, {len(worker.ran)} stage runs: {time.perf_counter() - t0:.1f}s")
 
 
+@pytest.mark.slow
+def test_the_pipeline_publishes_links_to_its_stage_runs(tmp_path, stage_deployments):
+    """The pipeline run's `pipeline-stages` artifact, read back through the API, names every stage
+    run that ran (the worker's own list), with its name, state and link in the UI."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    from flows.pipeline import collect_and_enhance, stages_markdown
+
+    names, worker = stage_deployments
+    p = _pipeline_params(tmp_path, names, meta_epochs=2)
+    before = len(worker.ran)
+    state = collect_and_enhance(p, return_state=True)
+    assert state.is_completed(), state
+    stage_runs = state.result()["flow_runs"]
+    assert list(stage_runs) == ["collect", "target", "meta-train", "predict"]
+    assert sorted(worker.ran[before:]) == sorted(stage_runs.values())  # each ran, once, in this pipeline run
+
+    ui = PREFECT_UI_URL.value()  # the harness sets no UI URL: derived from its API URL
+    assert ui and ui.startswith("http://127.0.0.1:") and not ui.endswith("/api")
+    deployment = {"collect": p.collect_deployment, "target": p.collect_deployment,
+                  "meta-train": p.meta_train_deployment, "predict": p.predict_deployment}
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            key=ArtifactFilterKey(any_=["pipeline-stages"])))
+        runs = {stage: client.read_flow_run(run_id) for stage, run_id in stage_runs.items()}
+    assert artifact.type == "markdown" and artifact.description == "4 of 4 stage runs completed"
+    md = artifact.data
+    for stage, run in runs.items():
+        assert (f"| {stage} | {deployment[stage]} | [{run.name}]({ui.rstrip('/')}/runs/flow-run/{run.id}) "
+                f"| Completed | `{run.id}` |") in md, md
+    assert md.count("/runs/flow-run/") == 4
+
+    # a pipeline run that fails (its predict deployment does not exist) still publishes the stage
+    # runs it had: the three reused ones, and no predict row
+    broken = p.model_copy(update={"predict_deployment": "predict-weights/no-such-deployment"})
+    failed = collect_and_enhance(broken, return_state=True)
+    assert failed.is_failed(), failed
+    with get_client(sync_client=True) as client:
+        [partial] = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[failed.state_details.flow_run_id]),
+            key=ArtifactFilterKey(any_=["pipeline-stages"])))
+    assert partial.description == "3 of 3 stage runs completed"
+    for stage in ("collect", "target", "meta-train"):
+        assert f"| {stage} | {deployment[stage]} | [{runs[stage].name}](" in partial.data
+    assert str(runs["predict"].id) not in partial.data and "| predict |" not in partial.data
+
+    # no UI to link to (PREFECT_UI_URL="", as the CLI's temporary server sets): the id alone
+    with temporary_settings({PREFECT_UI_URL: ""}):
+        bare = stages_markdown([(stage, deployment[stage], run) for stage, run in runs.items()])
+    assert "/runs/flow-run/" not in bare and "](" not in bare
+    assert all(f"| {run.name} | Completed | `{run.id}` |" in bare for run in runs.values())
+
+
 def test_the_target_run_is_planned_at_a_fixed_r():
     from flows.collect import plan_sweep
     from flows.pipeline import stage_params, target_params
