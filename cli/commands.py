@@ -18,6 +18,7 @@ from cyclopts import Parameter
 from params import (CollectParams, ExperimentParams, ExportParams, ImportParams, MetaTrainParams, PredictParams,
                     ResumeParams, RunsParams, ScheduleParams, StudyParams, SubmitParams, TrajectoryParams)
 
+from .fastpath import pop_option
 from .display import console, print_l1_table, print_runs, watch_experiment, watch_runs, wide_console
 
 app = cyclopts.App(name="know", help="KNOW pipeline: collect forgetting trajectories, meta-train KNOWN, "
@@ -33,7 +34,7 @@ def apply_config(argv: list[str]) -> list[str]:
     argv = list(argv)
     app.config = ()
     if argv[:1] == ["run"]:
-        argv, config = _pop_option(argv, "--config")
+        argv, config = pop_option(argv, "--config")
         if config is not None:
             import cyclopts.config
 
@@ -43,20 +44,6 @@ def apply_config(argv: list[str]) -> list[str]:
                 raise MissingData(f"--config {config}: no such file; pass a TOML file of `know run` settings")
             app.config = cyclopts.config.Toml(config, must_exist=True, use_commands_as_keys=False)
     return argv
-
-
-def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
-    """argv without `name VALUE` / `name=VALUE`, and VALUE (None when absent)."""
-    for i, arg in enumerate(argv):
-        if arg == name:
-            if i + 1 >= len(argv):
-                from know_core.errors import BadInput
-
-                raise BadInput(f"{name} needs a value")
-            return argv[:i] + argv[i + 2:], argv[i + 1]
-        if arg.startswith(name + "="):
-            return argv[:i] + argv[i + 1:], arg.split("=", 1)[1]
-    return argv, None
 
 
 def _require_store(store: str) -> None:

@@ -17,29 +17,43 @@ from pathlib import Path
 COMMANDS = {"run": ("standard", "results/{}"), "study": ("screen", "results/study-{}")}
 
 
-def _option(argv: list[str], name: str) -> str | None:
+def pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """argv without `name VALUE` / `name=VALUE`, and VALUE (None when absent)."""
     for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
+        if arg == name:
+            if i + 1 >= len(argv):
+                from know_core.errors import BadInput
+
+                raise BadInput(f"{name} needs a value")
+            return argv[:i] + argv[i + 2:], argv[i + 1]
         if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
+            return argv[:i] + argv[i + 1:], arg.split("=", 1)[1]
+    return argv, None
 
 
 def candidate_out(argv: list[str]) -> Path | None:
     """The output folder the command line names, without importing anything heavy."""
     if not argv or argv[0] not in COMMANDS or any(a in ("--help", "-h") for a in argv):
         return None
+    from know_core.errors import BadInput
+
+    try:
+        return _candidate_out(argv)
+    except BadInput:  # an option without its value: the normal path says so
+        return None
+
+
+def _candidate_out(argv: list[str]) -> Path | None:
     default_preset, pattern = COMMANDS[argv[0]]
     values = {}
-    config = _option(argv, "--config") if argv[0] == "run" else None
+    config = pop_option(argv, "--config")[1] if argv[0] == "run" else None
     if config:
         try:
             values = tomllib.loads(Path(config).read_text())
         except (OSError, ValueError):
             return None
-    out = _option(argv, "--out") or values.get("out")
-    preset = _option(argv, "--preset") or values.get("preset") or default_preset
+    out = pop_option(argv, "--out")[1] or values.get("out")
+    preset = pop_option(argv, "--preset")[1] or values.get("preset") or default_preset
     return Path(out or pattern.format(preset))
 
 
