@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.errors import ContainsGroupError
 from zarr.core.buffer import Buffer
 from zarr.core.sync import sync as _zarr_sync
 from zarr.storage import LocalStore
@@ -235,7 +236,10 @@ class TrajectoryStore:
         self.compressors = compressors  # None: uncompressed (float weights barely compress)
         try:
             store = self.url if _is_url(self.url) else PreallocatingLocalStore(self.url)
-            self.root = zarr.open_group(store, mode="a", storage_options=storage_options)
+            try:
+                self.root = zarr.open_group(store, mode="a", storage_options=storage_options)
+            except ContainsGroupError:  # another process created the root between zarr's check and write
+                self.root = zarr.open_group(store, mode="a", storage_options=storage_options)
         except Exception as e:  # noqa: BLE001 - one line for any backend failure
             raise StoreError(f"cannot open store {self.url}: {type(e).__name__}: {e}") from e
 
@@ -243,7 +247,19 @@ class TrajectoryStore:
     def prepare(self) -> None:
         """Create the parent groups; call once before fanning out writers."""
         for name in (RUNS, CHECKPOINTS, PREDICTIONS):
-            self.root.require_group(name)
+            self._require_group(name)
+
+    def _require_group(self, path: str) -> zarr.Group:
+        """`require_group` that survives another process creating the same group at the same
+        moment: zarr checks that no node exists, then writes, so the slower of two writers gets
+        ContainsGroupError for a group that is now there (two `know collect` on one store)."""
+        try:
+            return self.root.require_group(path)
+        except ContainsGroupError:
+            group = self._group(path)
+            if group is None:
+                raise
+            return group
 
     def _group(self, path: str) -> zarr.Group | None:
         try:
@@ -445,7 +461,7 @@ class TrajectoryStore:
         with self._lease_lock(lease):
             if lease is not None and self._lock_path(path) is None:  # remote: the record is the lease
                 self._fence(lease, self.run_attrs(run_id) or {})
-            self.root.require_group(RUNS)
+            self._require_group(RUNS)
             group = self._group(path)
             if group is None:
                 self._delete(path)
@@ -637,7 +653,7 @@ class TrajectoryStore:
         lock_file = None
         if lock is not None:  # local: an exclusive flock, dropped by the kernel when its holder dies
             if not (Path(self.url) / _lease.LOCK_DIR / "zarr.json").exists():
-                self.root.require_group(_lease.LOCK_DIR)  # a group, so the store's tree stays plain Zarr
+                self._require_group(_lease.LOCK_DIR)  # a group, so the store's tree stays plain Zarr
             lock_file = _lease.LockFile(lock)
             if not lock_file.acquire(owner):
                 return None, _lease.LockFile.holder(lock) or "another process"
@@ -654,8 +670,8 @@ class TrajectoryStore:
                 return None, str(current)
             fields = {"lease_owner": str(owner), "lease_heartbeat": _lease.now_iso()}
             if g is None:
-                self.root.require_group(path.rpartition("/")[0])
-                g = self.root.require_group(path)
+                self._require_group(path.rpartition("/")[0])
+                g = self._require_group(path)
                 g.update_attributes({**placeholder, **fields} if not g.attrs else fields)
             else:
                 g.update_attributes(fields)
@@ -781,7 +797,7 @@ class TrajectoryStore:
         """Write a checkpoint's weights (and, given, the Adam moments that produced them; the
         `carry` regime continues from them). It is marked complete only after every array."""
         attrs = (info if isinstance(info, CheckpointInfo) else CheckpointInfo.model_validate(info)).attrs()
-        self.root.require_group(CHECKPOINTS)
+        self._require_group(CHECKPOINTS)
         self._delete(f"{CHECKPOINTS}/{ckpt_id}")
         g = self.root.create_group(f"{CHECKPOINTS}/{ckpt_id}")
         arr = self._array(f"{CHECKPOINTS}/{ckpt_id}/weights", (1, layout_size(layout)), {})
@@ -849,7 +865,7 @@ class TrajectoryStore:
                          info: PredictionInfo | dict[str, Any]) -> zarr.Array:
         attrs = (info if isinstance(info, PredictionInfo) else PredictionInfo.model_validate(info)).attrs()
         path = self.prediction_path(run_id, predictor)
-        self.root.require_group(f"{PREDICTIONS}/{run_id}")
+        self._require_group(f"{PREDICTIONS}/{run_id}")
         self._delete(path)
         g = self.root.create_group(path)
         # same chunking as the run's weights, so column blocks map onto whole chunks of both

@@ -195,6 +195,31 @@ def reference(tmp_path_factory, prefect_harness):
 
 
 # ---------------------------------------------------------------------------- the store's lease
+#: opens a store and creates its parent groups once argv[2] (a file) appears, so that all start together
+PREPARE_CHILD = """
+import os, sys, time
+from storage.trajectory import TrajectoryStore
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.0005)
+TrajectoryStore(sys.argv[1]).prepare()
+"""
+
+
+def test_processes_creating_one_fresh_store_at_once_all_succeed(tmp_path):
+    """zarr checks that no node exists and then writes it: the slower of two processes opening or
+    preparing one new store got ContainsGroupError (seen in CI as a failed `know collect`)."""
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE_CHILD, str(tmp_path / "s.zarr"), str(tmp_path / "go")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    for p in procs:  # every child has imported and waits for the file
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=CHILD_TIMEOUT_S)[1][-2000:]
+    (tmp_path / "go").touch()
+    for p in procs:
+        _, err = p.communicate(timeout=CHILD_TIMEOUT_S)
+        assert p.returncode == 0, err[-2000:]
+    assert {d.name for d in (tmp_path / "s.zarr").iterdir()} >= {"runs", "checkpoints", "predictions"}
+
+
 def test_a_live_lease_is_waited_for_never_wiped_and_a_dead_one_is_taken_over(tmp_path):
     from storage.lease import LEASE_TIMEOUT_S, LeaseBusy
     from storage.trajectory import StoreError, TrajectoryStore

@@ -411,8 +411,9 @@ def test_prefect_persists_and_reads_back_no_task_results(tmp_path):
               '"result": ' + repr(pickle.dumps(RunsShell(marker)).hex()).replace("'", '"') + '}')
     for name in ("planted", "0" * 32):
         (storage / name).write_text(record)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    from test_resume import _env  # Prefect's own ephemeral server here (prefect is imported first): 180 s to boot
+
+    env = _env(home)
     code = ("import know_cli, tasks.collect, tasks.evaluate\n"
             "from prefect.cache_policies import NO_CACHE\n"
             "assert tasks.collect.collect_run.cache_policy == NO_CACHE, tasks.collect.collect_run.cache_policy\n"
