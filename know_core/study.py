@@ -166,25 +166,41 @@ def study_markdown(table: pd.DataFrame, title: str, notes: list[str] = ()) -> st
 
 def plot_gain_vs_coherence(table: pd.DataFrame, title: str = "KNOW gain over its own shrink control"):
     """Per variant: KNOW ×2 and ×8 gain over their own shrink control (mean ± paired std, points)
-    against the target trajectory's conv coherence."""
+    against the target trajectory's conv coherence. One colour per variant, named in the legend
+    (variants often share one target, so text labels next to the points would overlap); points
+    of one factor at nearly the same coherence are spread sideways a little, and the x axis
+    says by how much. A factor with no finite value is left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(7.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    x_all = table["coherence_conv"].to_numpy(float)
+    finite = x_all[np.isfinite(x_all)]
+    span = float(finite.max() - finite.min()) if finite.size > 1 else 0.0
+    step = 0.012 * (span or 1.0)  # sideways spread between points at one coherence
+    colours = [f"C{i % 10}" for i in range(len(table))]
+    spread = False
     for f, marker in zip(FACTORS, ("o", "s")):
         key = f"know_x{int(f)}_vs_shrink"
-        x, y, e = table["coherence_conv"], 100 * table[key], 100 * table[f"{key}_std"].fillna(0)
-        ax.errorbar(x, y, yerr=e, fmt=marker, capsize=3, label=f"KNOW ×{int(f)}")
-        for xi, yi, name in zip(x, y, table["variant"]):
-            if np.isfinite(xi) and np.isfinite(yi):
-                ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key not in table or not np.isfinite(table[key].to_numpy(float)).any():
+            continue
+        y, e = 100 * table[key].to_numpy(float), 100 * table[f"{key}_std"].fillna(0).to_numpy(float)
+        shown = [i for i in range(len(table)) if np.isfinite(x_all[i]) and np.isfinite(y[i])]
+        for rank, i in enumerate(shown):
+            near = [j for j in shown if abs(x_all[j] - x_all[i]) < step]
+            offset = (near.index(i) - (len(near) - 1) / 2) * step
+            spread |= offset != 0
+            ax.errorbar(x_all[i] + offset, y[i], yerr=e[i], fmt=marker, color=colours[i], capsize=3,
+                        label=f"{table['variant'].iloc[i]} (×{int(f)})")
     ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("target trajectory conv coherence (mean cosine of consecutive steps)")
+    note = f"; points at equal coherence spread by {step:.3f}" if spread else ""
+    ax.set_xlabel(f"target trajectory conv coherence (mean cosine of consecutive steps{note})", fontsize=8)
     ax.set_ylabel("Δ fine-tune accuracy vs own shrink (points)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 
