@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from know_core.errors import BadInput
 from params.predict import MetaTrainParams
+from storage.locks import exclusive
 from storage.results import save_table
 from storage.trajectory import TrajectoryStore
 from tasks.meta import eligible_runs, meta_provenance, meta_report, pick_default, train_known_set
@@ -59,21 +60,29 @@ def meta_train_known(params: MetaTrainParams = MetaTrainParams()) -> dict:
     """Meta-train KNOWN (raw and min-max scaling) on complete runs; write models and the L1 table."""
     with resume_hint("meta-train-known"):
         preflight(params)
-        tables, run_tables, dirs = [], [], []
-        for meta_data in meta_data_sets(params):
-            model_dirs = [train_known_set(params, meta_data, scaling) for scaling in ("raw", "minmax")]
-            dirs += model_dirs
-            table, runs = meta_report(params, meta_data, model_dirs)
-            tables.append(table)
-            run_tables.append(runs.assign(meta_data=meta_data))
-        table = pd.concat(tables, ignore_index=True)
-        runs = pd.concat(run_tables, ignore_index=True)
-        scaling = pick_default(params, table, dirs)
-        out = Path(params.out)
-        save_table(table, out / "val_l1.csv")
-        save_table(runs, out / "runs.csv")
-        print(f"default KNOWN: {params.meta_data} meta-data, {scaling} scaling -> {out / 'known.pt'}")
-        publish_l1_table(table, f"Validation L1 (lower is better); default KNOWN: {params.meta_data} meta-data, "
-                                f"{scaling} scaling -> {out.resolve() / 'known.pt'}")
-        provenance = meta_provenance(TrajectoryStore(params.store), params, params.meta_data)
-        return {"out": str(out), "scaling": scaling, "table": table.to_dict("records"), "provenance": provenance}
+        # one meta-training of a folder at a time: two study variants (or two processes) that
+        # share a KNOWN folder train it once, the second finds every model up to date
+        with exclusive(Path(params.out) / ".meta-train.lock", f"KNOWN {params.out}", get_run_logger()):
+            return _meta_train(params)
+
+
+def _meta_train(params: MetaTrainParams) -> dict:
+    """Train (or find up to date) every KNOWN of the folder, then its tables and default."""
+    tables, run_tables, dirs = [], [], []
+    for meta_data in meta_data_sets(params):
+        model_dirs = [train_known_set(params, meta_data, scaling) for scaling in ("raw", "minmax")]
+        dirs += model_dirs
+        table, runs = meta_report(params, meta_data, model_dirs)
+        tables.append(table)
+        run_tables.append(runs.assign(meta_data=meta_data))
+    table = pd.concat(tables, ignore_index=True)
+    runs = pd.concat(run_tables, ignore_index=True)
+    scaling = pick_default(params, table, dirs)
+    out = Path(params.out)
+    save_table(table, out / "val_l1.csv")
+    save_table(runs, out / "runs.csv")
+    print(f"default KNOWN: {params.meta_data} meta-data, {scaling} scaling -> {out / 'known.pt'}")
+    publish_l1_table(table, f"Validation L1 (lower is better); default KNOWN: {params.meta_data} meta-data, "
+                            f"{scaling} scaling -> {out.resolve() / 'known.pt'}")
+    provenance = meta_provenance(TrajectoryStore(params.store), params, params.meta_data)
+    return {"out": str(out), "scaling": scaling, "table": table.to_dict("records"), "provenance": provenance}

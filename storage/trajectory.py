@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -59,6 +60,7 @@ from know_core.layout import TensorSpec, layout_from_json, layout_size, layout_t
 from know_core.train import AdamState
 
 from . import lease as _lease
+from .locks import exclusive
 from .records import CheckpointInfo, CheckpointRecord, PredictionInfo, PredictionRecord, RunInfo, RunRecord
 
 #: default chunk length along the parameter axis (16 MiB of float32). Chosen by
@@ -635,6 +637,11 @@ class TrajectoryStore:
             return None
         return Path(self.url) / _lease.LOCK_DIR / f"{path}.lock"
 
+    def _ensure_lock_group(self) -> None:
+        """locks/ is a group, so the store's tree stays plain Zarr (local stores only)."""
+        if not (Path(self.url) / _lease.LOCK_DIR / "zarr.json").exists():
+            self._require_group(_lease.LOCK_DIR)
+
     def _live_holder(self, path: str) -> str | None:
         """The live writer holding the lease of `path` (runs/<id>, checkpoints/<id>), or None."""
         lock = self._lock_path(path)
@@ -652,8 +659,7 @@ class TrajectoryStore:
         lock = self._lock_path(path)
         lock_file = None
         if lock is not None:  # local: an exclusive flock, dropped by the kernel when its holder dies
-            if not (Path(self.url) / _lease.LOCK_DIR / "zarr.json").exists():
-                self._require_group(_lease.LOCK_DIR)  # a group, so the store's tree stays plain Zarr
+            self._ensure_lock_group()
             lock_file = _lease.LockFile(lock)
             if not lock_file.acquire(owner):
                 return None, _lease.LockFile.holder(lock) or "another process"
@@ -844,6 +850,17 @@ class TrajectoryStore:
     # -- predictions ----------------------------------------------------------------
     def prediction_path(self, run_id: str, predictor: str) -> str:
         return f"{PREDICTIONS}/{run_id}/{predictor}"
+
+    def prediction_lock(self, run_id: str, predictor: str, log: Any = None):
+        """A context manager held while checking and (re)writing one prediction, so that two
+        writers of the same prediction (two study variants on one target) make it once. On a
+        local store an flock on locks/predictions/<run>/<name>.lock; on a remote one nothing
+        (predictions there have one writer per experiment)."""
+        lock = self._lock_path(self.prediction_path(run_id, predictor))
+        if lock is None:
+            return contextlib.nullcontext()
+        self._ensure_lock_group()
+        return exclusive(lock, f"prediction {predictor} of run {run_id}", log)
 
     def prediction_attrs(self, run_id: str, predictor: str) -> dict[str, Any] | None:
         g = self._group(self.prediction_path(run_id, predictor))

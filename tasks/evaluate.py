@@ -26,6 +26,7 @@ from know_core.models import ModelSpec, build_from_spec, build_seeded
 from know_core.predict import shrink_control
 from know_core.train import pick_device
 from params.predict import KnownSource
+from storage.locks import exclusive
 from storage.results import save_text
 from storage.trajectory import TrajectoryStore, config_hash
 
@@ -121,6 +122,13 @@ def finetune_cell(spec: CellSpec) -> dict:
     store = TrajectoryStore(spec.store)
     mspec, state = start_state(store, spec)
     path = cell_path(spec, state_digest(state))
+    # one writer per cell: two rows or variants with the same start and protocol fine-tune it once
+    with exclusive(path.parent / ".locks" / f"{path.stem}.lock", f"cell {path.stem}", log):
+        return _cell(spec, mspec, state, path, log)
+
+
+def _cell(spec: CellSpec, mspec: dict, state: dict, path: Path, log) -> dict:
+    """The cached result of one cell, or its fine-tune and probe, saved to `path`."""
     if path.exists():
         log.info("cell %s x%g seed %d (%s): cached", spec.method, spec.factor, spec.seed, spec.split)
         # the same start and protocol may have been computed for another row (know-lr at the

@@ -91,29 +91,30 @@ def predict_run(spec: PredictParams) -> str:
     store = TrajectoryStore(spec.store)
     run, cfg, digest = prediction_inputs(spec, store)
     name = spec.output_name
-    input_hash = prediction_input_hash(spec, run, digest)
-    old = store.prediction(spec.run_id, name)
-    if old is not None and old.is_complete and old.input_hash == input_hash:
-        log.info("prediction %s of run %s is up to date: skipped", name, spec.run_id)
-        return name
-    # step k is the prediction for (1/r)^k times the full data (method §5); the rounded subset
-    # sizes only approximate r (683 images at r=0.5 give 683/342 = 1.997), so use the run's r
-    factors = virtual_factors(run.sampling_rate, spec.steps)
-    arr = store.begin_prediction(spec.run_id, name, spec.steps, run.n_params, PredictionInfo(
-        factors=factors, predictor=spec.predictor, alpha=spec.alpha, predict_norm=spec.predict_norm,
-        known_source=spec.known if spec.uses_known else "",
-        known_scaling=cfg.known.scaling if cfg.known is not None else "", input_hash=input_hash, steps=spec.steps,
-    ))
-    t0 = time.perf_counter()
-    try:
-        for c0, block in store.iter_column_blocks(spec.run_id, slice(0, cfg.rows), spec.block_values):
-            arr[:, c0 : c0 + block.shape[1]] = predict_block(cfg, block, run.layout, c0, run.stage_subset_sizes,
-                                                             spec.steps, run.sampling_rate)
-        seconds = time.perf_counter() - t0
-        store.finish_prediction(spec.run_id, name, seconds=round(seconds, 4))
-    except BaseException as e:
-        store.drop_prediction(spec.run_id, name)  # never leave a half-written prediction behind
-        raise e
+    with store.prediction_lock(spec.run_id, name, log):  # one writer of a prediction at a time
+        input_hash = prediction_input_hash(spec, run, digest)
+        old = store.prediction(spec.run_id, name)
+        if old is not None and old.is_complete and old.input_hash == input_hash:
+            log.info("prediction %s of run %s is up to date: skipped", name, spec.run_id)
+            return name
+        # step k is the prediction for (1/r)^k times the full data (method §5); the rounded subset
+        # sizes only approximate r (683 images at r=0.5 give 683/342 = 1.997), so use the run's r
+        factors = virtual_factors(run.sampling_rate, spec.steps)
+        arr = store.begin_prediction(spec.run_id, name, spec.steps, run.n_params, PredictionInfo(
+            factors=factors, predictor=spec.predictor, alpha=spec.alpha, predict_norm=spec.predict_norm,
+            known_source=spec.known if spec.uses_known else "",
+            known_scaling=cfg.known.scaling if cfg.known is not None else "", input_hash=input_hash, steps=spec.steps,
+        ))
+        t0 = time.perf_counter()
+        try:
+            for c0, block in store.iter_column_blocks(spec.run_id, slice(0, cfg.rows), spec.block_values):
+                arr[:, c0 : c0 + block.shape[1]] = predict_block(cfg, block, run.layout, c0, run.stage_subset_sizes,
+                                                                 spec.steps, run.sampling_rate)
+            seconds = time.perf_counter() - t0
+            store.finish_prediction(spec.run_id, name, seconds=round(seconds, 4))
+        except BaseException as e:
+            store.drop_prediction(spec.run_id, name)  # never leave a half-written prediction behind
+            raise e
     log.info("predicted %s for run %s: factors %s, %d params in %.2fs", name, spec.run_id, factors, run.n_params, seconds)
     return name
 

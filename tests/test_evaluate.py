@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import textwrap
 
@@ -460,22 +461,56 @@ def test_module_docstring_example_runs(capsys):
     assert len(out) == 4  # three epoch lines and the probe accuracy
 
 
-def test_a_cached_cell_is_reported_under_the_row_that_asked_for_it(tmp_path, prefect_harness):
-    """naive-lr at the fixed lr2 is the naive cell: computed once, but each row keeps its own
-    name (a row read back under the other's name vanished from the report)."""
+def _cell_base(tmp_path, **extra) -> dict:
+    """CellSpec fields of a tiny target trajectory's Θ0 start (digits 0-4 -> 5-9)."""
     from flows.trajectory import forgetting_trajectory
     from params.collect import TrajectoryParams
-    from tasks.evaluate import CellSpec, TargetSpec, finetune_cell
+    from tasks.evaluate import TargetSpec
 
     store = str(tmp_path / "runs.zarr")
     run_id = forgetting_trajectory(TrajectoryParams(store=store, dataset="digits", classes="0-4", limit=300,
                                                     model="simple-cnn", width=8, pretrain_epochs=1, stages=2,
                                                     batch_size=32, device="cpu"))
-    base = dict(out=str(tmp_path / "exp"), store=store, run_id=run_id, seed=0, phase1_epochs=0, phase2_epochs=1,
-                lr1=1e-3, lr2=1e-3, batch_size=32, device="cpu", probe=False,
-                target=TargetSpec(dataset="digits", classes="5-9", train_size=100))
+    return {**dict(out=str(tmp_path / "exp"), store=store, run_id=run_id, seed=0, phase1_epochs=0, phase2_epochs=1,
+                   lr1=1e-3, lr2=1e-3, batch_size=32, device="cpu", probe=False,
+                   target=TargetSpec(dataset="digits", classes="5-9", train_size=100)), **extra}
+
+
+def test_a_cached_cell_is_reported_under_the_row_that_asked_for_it(tmp_path, prefect_harness):
+    """naive-lr at the fixed lr2 is the naive cell: computed once, but each row keeps its own
+    name (a row read back under the other's name vanished from the report)."""
+    from tasks.evaluate import CellSpec, finetune_cell
+
+    base = _cell_base(tmp_path)
     a = finetune_cell.fn(CellSpec(**base, method="naive"))
     b = finetune_cell.fn(CellSpec(**base, method="naive-lr"))
     assert (a["method"], b["method"]) == ("naive", "naive-lr")
     assert a["rows"] == b["rows"]
     assert len(list((tmp_path / "exp" / "cells").glob("*.json"))) == 1
+
+
+def test_one_cell_asked_for_at_once_by_four_writers_is_fine_tuned_once(tmp_path, prefect_harness, caplog):
+    """Rows (or study variants run side by side) that share a start and protocol ask for one
+    cell at the same moment: one fine-tunes it while the others wait on its lock, then read it."""
+    import threading
+
+    from tasks.evaluate import CellSpec, finetune_cell
+
+    base = _cell_base(tmp_path, phase2_epochs=3)
+    caplog.set_level(logging.INFO, logger="know")
+    start = threading.Barrier(4)
+    results: list[dict] = []
+
+    def ask(method: str) -> None:
+        start.wait()
+        results.append(finetune_cell.fn(CellSpec(**base, method=method)))
+
+    threads = [threading.Thread(target=ask, args=(m,)) for m in ("naive", "naive-lr", "naive", "naive-lr")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 4 and all(r["rows"] == results[0]["rows"] for r in results)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("final acc" in m for m in messages) == 1, messages
+    assert sum(m.endswith("(test): cached") for m in messages) == 3
