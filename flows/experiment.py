@@ -146,7 +146,7 @@ def plan(p: ExperimentParams) -> ExperimentPlan:
                 store=store, dataset=p.meta_dataset, data_dir=p.dir_of("meta"), classes=p.meta_classes,
                 limit=p.meta_limit, models=p.meta_models,
                 runs=runs, stages=p.meta_stages, mode=mode, seed=1 if mode == "independent" else 2, workers=p.workers,
-                device=p.device, optimizer=p.optimizer))
+                runner=p.runner, dask_address=p.dask_address, device=p.device, optimizer=p.optimizer))
     target = TrajectoryParams(
         store=store, dataset=p.source_dataset, data_dir=p.dir_of("source"), classes=p.source_classes,
         limit=p.source_limit, model=p.model, model_kwargs=p.model_kwargs, head=p.head, augment=p.augment,
@@ -287,7 +287,7 @@ def know_run(params: ExperimentParams = ExperimentParams()) -> str:
                             train_size=p.target_train_size)
         base = dict(out=p.cache_dir or str(out), store=store, run_id=target_run, target=target, phase1_epochs=p.phase1_epochs,
                     phase2_epochs=p.phase2_epochs, lr1=p.lr1, lr2=p.lr2, batch_size=p.ft_batch_size, device=p.device)
-        runner = make_runner("thread", p.workers)
+        runner = make_runner(p.runner, p.workers, p.dask_address, gpu=p.device.startswith("cuda"))
 
         def start_of(name: str, factor: float) -> dict:
             """The start point of a row: source, step and shrink flag of its CellSpec."""

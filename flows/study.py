@@ -7,7 +7,8 @@ and one cell cache (the same start point and protocol is fine-tuned once). So a 
 study killed halfway and started again, recomputes nothing that finished.
 
     from flows.study import know_study
-    from params.study import StudyParams
+    from params.experiment import ExperimentParams
+from params.study import StudyParams
     know_study(StudyParams(preset="screen", official_dir="../shared/know_reference"))
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ import os
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, task
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from params.study import StudyParams
 from storage.done import clear_done, write_done
@@ -36,6 +39,24 @@ def preflight(p: StudyParams) -> dict:
     return experiments
 
 
+@task(name="study-variant", task_run_name="variant-{name}")
+def run_variant(name: str, exp: ExperimentParams) -> str:
+    """One variant: its `know run` sub-flow (the task only lets variants run side by side)."""
+    return know_run.with_options(flow_run_name=f"variant-{name}")(exp)
+
+
+@flow(name="study-variants")
+def run_variants(params: StudyParams) -> None:
+    """Fan the variants out over this flow's task runner; fail after all ended if any failed.
+    Products two variants share (a run, a checkpoint, a KNOWN folder, a prediction, a cell)
+    are made once: the store's leases and storage.locks make the second writer wait for it."""
+    futures = [run_variant.submit(name, exp) for name, exp in params.experiments().items()]
+    wait(futures)
+    failed = [f for f in futures if not f.state.is_completed()]
+    if failed:
+        failed[0].result()  # raises the first error
+
+
 @flow(name="know-study", log_prints=True)
 def know_study(params: StudyParams = StudyParams()) -> str:
     """Run every variant (each a `know run` sub-flow), then the study table, picture and conclusion."""
@@ -47,12 +68,16 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         out.mkdir(parents=True, exist_ok=True)
         clear_done(out)
         save_text(json.dumps(params.identity(), indent=1, sort_keys=True), out / "study.json")
-        tables = {}
-        for i, (name, exp) in enumerate(experiments.items(), 1):
-            print(f"variant {i}/{len(experiments)}: {name}")
-            know_run.with_options(flow_run_name=f"variant-{name}")(exp)
-            folder = Path(exp.out)
-            tables[name] = (load_table(folder / "summary.csv"), load_table(folder / "target_diagnostics.csv"))
+        if params.parallel_variants > 1:
+            print(f"{len(experiments)} variants, {params.parallel_variants} at a time")
+            runner = ThreadPoolTaskRunner(max_workers=params.parallel_variants)
+            run_variants.with_options(task_runner=runner)(params)
+        else:
+            for i, (name, exp) in enumerate(experiments.items(), 1):
+                print(f"variant {i}/{len(experiments)}: {name}")
+                know_run.with_options(flow_run_name=f"variant-{name}")(exp)
+        tables = {name: (load_table(Path(exp.out) / "summary.csv"), load_table(Path(exp.out) / "target_diagnostics.csv"))
+                  for name, exp in experiments.items()}
         table = study_table(tables)
         notes = [f"{len(experiments)} variants of the `{params.base}` preset ({params.preset} study), {params.seeds} "
                  "paired seeds each; the variant list was fixed before any result was seen.",
@@ -74,4 +99,4 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         return str(out)
 
 
-__all__ = ["know_study", "preflight"]
+__all__ = ["know_study", "preflight", "run_variants"]

@@ -18,7 +18,7 @@ from know_core.errors import BadInput
 from know_core.predict import step_for_factor
 from know_core.stats import own_shrink
 
-from .common import DeviceField, ModelFields, OptimizerField, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
+from .common import ModelFields, OptimizerField, RunnerFields, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
 
 #: predictors: rows that start from a prediction at a factor > 1
 PREDICTORS = ("know", "official", "taskvector", "logfit", "know-s2", "know-s3", "know-s4")
@@ -69,12 +69,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 #: run-time knobs: they change where and how fast, never what is computed
-RUNTIME_FIELDS = {"out", "force", "force_cpu", "workers", "device", "preset", "store", "known_dir", "cache_dir"}
+RUNTIME_FIELDS = {"out", "force", "force_cpu", "workers", "runner", "dask_address", "device", "preset", "store",
+                  "known_dir", "cache_dir"}
 #: presets sized for a GPU: a CPU run estimated above an hour is refused unless force_cpu
 GPU_PRESETS = {"paper"}
 
 
-class ExperimentParams(ModelFields, OptimizerField, DeviceField):
+class ExperimentParams(ModelFields, OptimizerField, RunnerFields):
     """The whole KNOW experiment: meta-data, KNOWN, the target trajectory, predictions,
     fine-tunes over paired seeds, and the report."""
 
@@ -82,7 +83,8 @@ class ExperimentParams(ModelFields, OptimizerField, DeviceField):
     out: str = Field("results/standard", description="Output folder (default results/<preset>): store, KNOWN "
                      "models, cells, tables, plots")
     force: bool = Field(False, description="Reuse an output folder that holds a different experiment")
-    workers: int = Field(2, ge=1, description="Parallel fine-tunes / collection runs (one torch thread each)")
+    workers: int = Field(2, ge=1, description="Parallel fine-tunes / collection runs (one torch thread each; "
+                         "threads, or Dask worker processes with --runner dask)")
     official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5; empty = skip the official rows")
     store: str = Field("", description="Trajectory store (default <out>/store.zarr); experiments that share one "
                        "share its runs, each meta-training only on its own meta runs")

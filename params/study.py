@@ -75,6 +75,9 @@ class StudyParams(RunnerFields):
     official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5; empty = no official rows")
     seeds: int = Field(5, ge=1, description="Fine-tune seeds per method (the conclusion needs >= 5)")
     force: bool = Field(False, description="Reuse an output folder that holds a different study")
+    parallel_variants: int = Field(1, ge=1, description="Variants run at once (sub-flows on a thread pool; each "
+                                   "sends its runs and fine-tunes to --runner with --workers). A product two "
+                                   "variants share is made once: the second waits for it")
 
     @model_validator(mode="before")
     @classmethod
@@ -109,7 +112,8 @@ class StudyParams(RunnerFields):
 
     def identity(self) -> dict:
         """What makes two studies the same (run-time knobs excluded)."""
-        return self.model_dump(exclude={"out", "force", "workers", "device", "runner", "dask_address"})
+        return self.model_dump(exclude={"out", "force", "workers", "device", "runner", "dask_address",
+                                        "parallel_variants"})
 
     def done_identity(self) -> dict:
         """What a finished study folder's done.json must match (its variants have their own)."""
@@ -146,7 +150,8 @@ class StudyParams(RunnerFields):
         out = {}
         for v in self.variants():
             fields = {"official_dir": self.official_dir, "seeds": self.seeds, "workers": self.workers,
-                      "device": self.device, **v.overrides, **shared}
+                      "runner": self.runner, "dask_address": self.dask_address, "device": self.device,
+                      **v.overrides, **shared}
             probe = ExperimentParams(preset=self.base, **fields)
             known = f"{self.out}/known/{meta_key(probe)}"
             out[v.name] = ExperimentParams(preset=self.base, out=f"{self.out}/variants/{v.name}",
