@@ -34,7 +34,7 @@ VOLATILE = {"created_at", "completed_at", "train_seconds", "versions"}
 #: generous: on a loaded 2-core machine one `know collect` took minutes
 PROCESS_TIMEOUT_S = 900
 CHILD_TIMEOUT_S = 600
-TRIALS = 3
+TRIALS = 1  # the store-creation race these trials once caught has its own test (6 processes at once)
 
 #: holds the lease of run argv[2] in store argv[1], writes stage 0, then sleeps for ever
 #: (argv[3] == "sleep") or writes the other stages after argv[3] seconds and finishes
