@@ -7,8 +7,7 @@ and one cell cache (the same start point and protocol is fine-tuned once). So a 
 study killed halfway and started again, recomputes nothing that finished.
 
     from flows.study import know_study
-    from params.experiment import ExperimentParams
-from params.study import StudyParams
+    from params.study import StudyParams
     know_study(StudyParams(preset="screen", official_dir="../shared/know_reference"))
 """
 from __future__ import annotations
@@ -22,6 +21,7 @@ from prefect import flow, task
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from params.experiment import ExperimentParams
 from params.study import StudyParams
 from storage.done import clear_done, write_done
 from storage.results import load_table, save_figure, save_table, save_text

@@ -188,7 +188,7 @@ def plot_gain_vs_coherence(table: pd.DataFrame, title: str = "KNOW gain over its
             continue
         y, e = 100 * table[key].to_numpy(float), 100 * table[f"{key}_std"].fillna(0).to_numpy(float)
         shown = [i for i in range(len(table)) if np.isfinite(x_all[i]) and np.isfinite(y[i])]
-        for rank, i in enumerate(shown):
+        for i in shown:
             near = [j for j in shown if abs(x_all[j] - x_all[i]) < step]
             offset = (near.index(i) - (len(near) - 1) / 2) * step
             spread |= offset != 0
