@@ -152,7 +152,8 @@ def plan(p: ExperimentParams) -> ExperimentPlan:
         limit=p.source_limit, model=p.model, model_kwargs=p.model_kwargs, head=p.head, augment=p.augment,
         checkpoint=p.checkpoint,
         width=p.width, pretrain_epochs=p.pretrain_epochs, pretrain_lr=p.pretrain_lr,
-        pretrain_batch_size=p.pretrain_batch_size, r=p.r, stages=p.window + 2, lr=p.traj_lr,
+        pretrain_batch_size=p.pretrain_batch_size, pretrain_patience=p.pretrain_patience,
+        pretrain_val_fraction=p.pretrain_val_fraction, r=p.r, stages=p.window + 2, lr=p.traj_lr,
         batch_size=p.traj_batch_size, seed=0, device=p.device, optimizer=p.optimizer)
     full = target.model_copy(update={"limit": p.full_source_limit}) if p.full_source_limit else None
     matched = [target.model_copy(update={"seed": 101 + i}) for i in range(p.meta_matched_runs)]

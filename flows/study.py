@@ -7,7 +7,7 @@ and one cell cache (the same start point and protocol is fine-tuned once). So a 
 study killed halfway and started again, recomputes nothing that finished.
 
     from flows.study import know_study
-    from params.study import StudyParams
+    from params.study import SCREEN_LATE, StudyParams
     know_study(StudyParams(preset="screen", official_dir="../shared/know_reference"))
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from params.experiment import ExperimentParams
-from params.study import StudyParams
-from storage.done import clear_done, write_done
+from params.study import SCREEN_LATE, StudyParams
+from storage.done import clear_done, is_done, write_done
 from storage.results import load_table, save_figure, save_table, save_text
 
 from .common import refuse_other_record, resume_hint
@@ -76,19 +76,28 @@ def know_study(params: StudyParams = StudyParams()) -> str:
             for i, (name, exp) in enumerate(experiments.items(), 1):
                 print(f"variant {i}/{len(experiments)}: {name}")
                 know_run.with_options(flow_run_name=f"variant-{name}")(exp)
+        shown = {name: exp for name, exp in params.experiments(every=True).items()
+                 if name in experiments or is_done(exp.out, exp.done_identity())}  # --only: and the finished others
         tables = {name: (load_table(Path(exp.out) / "summary.csv"), load_table(Path(exp.out) / "target_diagnostics.csv"))
-                  for name, exp in experiments.items()}
+                  for name, exp in shown.items()}
         table = study_table(tables)
-        notes = [f"{len(experiments)} variants of the `{params.base}` preset ({params.preset} study), {params.seeds} "
-                 "paired seeds each; the variant list was fixed before any result was seen.",
-                 "Variants: " + "; ".join(f"{n}: {json.dumps(o.overrides) if o.overrides else 'the base'}"
-                                          for n, o in zip(experiments, params.variants()))]
+        notes = [f"{len(shown)} variants of the `{params.base}` preset ({params.preset} study), {params.seeds} "
+                 "paired seeds each; the variant list was fixed before any result was seen"
+                 + "".join(f", except {n}: {why}" for n, why in SCREEN_LATE.items()
+                           if n in shown and params.preset == "screen") + ".",
+                 "Variants: " + "; ".join(f"{v.name}: {json.dumps(v.overrides) if v.overrides else 'the base'}"
+                                          for v in params.variants(every=True) if v.name in shown)]
+        left = [v.name for v in params.variants(every=True) if v.name not in shown]
+        if left:
+            notes.append(f"Not run yet (left out by --only): {', '.join(left)}.")
         md = study_markdown(table, f"KNOW regime study ({params.preset})", notes)
         save_table(table, out / "study.csv")
         save_text(md, out / "study.md")
         save_figure(plot_gain_vs_coherence(table), out / "gain_vs_coherence.png")
-        variant_files = [os.path.relpath(Path(exp.out) / "summary.md", out) for exp in experiments.values()]
-        write_done(out, params.done_identity(), files=["study.md", "study.csv", "gain_vs_coherence.png", *variant_files])
+        variant_files = [os.path.relpath(Path(exp.out) / "summary.md", out) for exp in shown.values()]
+        if not left:  # a study with variants still to run is not done
+            write_done(out, params.done_identity(), files=["study.md", "study.csv", "gain_vs_coherence.png",
+                                                           *variant_files])
         try:
             from prefect.artifacts import create_markdown_artifact
 

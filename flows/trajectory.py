@@ -23,8 +23,9 @@ def target_specs(p: TrajectoryParams) -> tuple[PretrainSpec, RunSpec]:
     """The pre-training and the trajectory run the settings describe."""
     data = dict(dataset=p.dataset, data_dir=p.data_dir, classes=p.classes, limit=p.limit)
     model = dict(model=p.model, width=p.width, model_kwargs=p.model_kwargs, head=p.head)
-    pre = PretrainSpec(**model, epochs=p.pretrain_epochs, lr=p.pretrain_lr,
-                       batch_size=p.pretrain_batch_size, seed=p.seed, augment=p.augment, **data)
+    pre = PretrainSpec(**model, epochs=p.pretrain_epochs, lr=p.pretrain_lr, batch_size=p.pretrain_batch_size,
+                       seed=p.seed, augment=p.augment, patience=p.pretrain_patience,
+                       val_fraction=p.pretrain_val_fraction if p.pretrain_patience else 0.0, **data)
     start, sha = checkpoint_start(p.checkpoint) if p.checkpoint else (pre.checkpoint_id, "")
     run = RunSpec(**model, r=p.r, stages=p.stages, lr=p.lr, batch_size=p.batch_size,
                   epochs_per_stage=p.epochs_per_stage, seed=p.seed, mode="sequential", optimizer=p.optimizer, augment=p.augment,

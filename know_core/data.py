@@ -60,6 +60,16 @@ class ImageData:
         index = torch.as_tensor(np.asarray(index), dtype=torch.long)
         return ImageData(self.x[index], self.y[index], self.name, self.num_classes)
 
+    def holdout(self, fraction: float, seed: int) -> tuple["ImageData", "ImageData"]:
+        """(rest, held out): a seeded `fraction` of the images held out (at least one, and at
+        least one left), e.g. a validation split carved from a training split."""
+        if not 0 < fraction < 1:
+            raise ValueError("fraction must be in (0, 1)")
+        n = len(self)
+        n_out = min(max(1, round(fraction * n)), n - 1)
+        perm = np.random.default_rng(seed).permutation(n)
+        return self.take(np.sort(perm[n_out:])), self.take(np.sort(perm[:n_out]))
+
     def select_classes(self, classes: list[int]) -> "ImageData":
         """Keep only `classes`, relabelled 0..len(classes)-1 in the given order."""
         absent = [c for c in classes if not 0 <= c < self.num_classes]

@@ -162,6 +162,60 @@ def train_epochs(
     return mean_loss
 
 
+@dataclass
+class PlateauResult:
+    """What :func:`train_until_plateau` did: epochs run, the kept (best) epoch, and the
+    validation accuracy after each epoch."""
+
+    epochs_run: int
+    best_epoch: int
+    val_acc: list[float]
+
+
+def train_until_plateau(
+    model: nn.Module,
+    data: ImageData,
+    val: ImageData,
+    cfg: TrainConfig,
+    patience: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> PlateauResult:
+    """Adam on `data` until the accuracy on `val` has not improved for `patience` epochs,
+    `cfg.epochs` being the cap. The best epoch's weights and optimizer state are restored,
+    so a carried optimizer continues from the kept weights.
+
+    The data order and augmentation draw from the same seeded generators as
+    :func:`train_epochs`: with patience >= cfg.epochs and a val accuracy that rises every
+    epoch, both train the same model. `on_epoch(epoch, mean_loss, val_acc)`.
+    """
+    if patience < 1:
+        raise ValueError("patience must be >= 1")
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
+    history: list[float] = []
+    best, best_epoch, best_state = -1.0, -1, None
+    for epoch in range(cfg.epochs):
+        loss = run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen, drop_last=cfg.drop_last)
+        acc = accuracy(model, val, device=str(device))
+        history.append(acc)
+        if on_epoch:
+            on_epoch(epoch, loss, acc)
+        if acc > best:
+            best, best_epoch = acc, epoch
+            best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        elif epoch - best_epoch >= patience:
+            break
+    if best_epoch != len(history) - 1:
+        model.load_state_dict(best_state[0])
+        opt.load_state_dict(best_state[1])
+    model.train()
+    return PlateauResult(epochs_run=len(history), best_epoch=best_epoch, val_acc=history)
+
+
 #: optimizer regimes of a trajectory (method §2): whether Adam's state flows across stages
 OPTIMIZER_REGIMES = ("carry", "fresh")
 

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import (DataFields, DeviceField, ModelFields, OptimizerField, RunnerFields, StoreField, check_floats,
-                     check_learning_rates, check_models, check_one_model, option)
+from .common import (DataFields, DeviceField, ModelFields, OptimizerField, PretrainFields, RunnerFields, StoreField,
+                     check_floats, check_learning_rates, check_models, check_one_model, option)
 
 Mode = Literal["independent", "sequential"]
 
@@ -92,7 +92,7 @@ class CollectParams(ModelFields, OptimizerField, RunnerFields, DataFields, Store
         return self.batch_size or self.batch_min
 
 
-class TrajectoryParams(ModelFields, OptimizerField, DeviceField, DataFields, StoreField):
+class TrajectoryParams(ModelFields, PretrainFields, OptimizerField, DeviceField, DataFields, StoreField):
     """The target model: pre-train Θ0 on the source data, then record its sequential
     forgetting trajectory (method §2)."""
 
@@ -101,9 +101,6 @@ class TrajectoryParams(ModelFields, OptimizerField, DeviceField, DataFields, Sto
     checkpoint: str = Field("", description="State_dict file (.pt, or .safetensors) to start from as Θ0 instead of "
                             "pre-training (the pretrain_* settings are then unused); its sha256 is part of the run id")
     width: int = Field(0, ge=0, description="Model width; 0 = the architecture's default")
-    pretrain_epochs: int = Field(5, ge=1, description="Epochs of source pre-training (gives Θ0)")
-    pretrain_lr: float = Field(1e-3, gt=0, description="Adam lr of pre-training")
-    pretrain_batch_size: int = Field(128, ge=1, description="Batch size of pre-training")
     r: float = Field(0.5, gt=0, lt=1, description="Sampling rate of the nested subsets: |Dk| = r^k |D0|")
     stages: int = Field(5, ge=2, description="Snapshots Θ0..Θ(S-1); window + 2 = 7 also scores predictors on "
                         "held-out windows")

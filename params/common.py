@@ -138,6 +138,19 @@ def check_model_kwargs(text: str) -> str:
     return json.dumps(value, sort_keys=True) if value else ""
 
 
+class PretrainFields(StageModel):
+    """Source pre-training, which gives Θ0 (tasks/collect.py: pretrain)."""
+
+    pretrain_epochs: int = Field(5, ge=1, description="Source pre-training epochs (with pretrain_patience: the cap)")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Source pre-training Adam lr")
+    pretrain_batch_size: int = Field(128, ge=1, description="Source pre-training batch size")
+    pretrain_patience: int = Field(0, ge=0, description="0 = exactly pretrain_epochs | N = until the source "
+                                   "validation accuracy has not risen for N epochs (pretrain_epochs is the cap; the "
+                                   "best epoch is kept). The validation images are held out of pre-training")
+    pretrain_val_fraction: float = Field(0.1, gt=0, lt=0.5, description="With pretrain_patience: the seeded share of "
+                                         "the source training split held out as its validation split")
+
+
 class RunnerFields(DeviceField):
     runner: Literal["thread", "dask"] = Field("thread", description="Task runner for the fan-out: thread | dask")
     workers: int = Field(1, ge=1, description="Parallel training runs (thread pool size or Dask worker processes)")

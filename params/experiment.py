@@ -18,7 +18,7 @@ from know_core.errors import BadInput
 from know_core.predict import step_for_factor
 from know_core.stats import own_shrink
 
-from .common import ModelFields, OptimizerField, RunnerFields, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
+from .common import ModelFields, OptimizerField, PretrainFields, RunnerFields, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
 
 #: predictors: rows that start from a prediction at a factor > 1
 PREDICTORS = ("know", "official", "taskvector", "logfit", "know-s2", "know-s3", "know-s4")
@@ -75,7 +75,7 @@ RUNTIME_FIELDS = {"out", "force", "force_cpu", "workers", "runner", "dask_addres
 GPU_PRESETS = {"paper"}
 
 
-class ExperimentParams(ModelFields, OptimizerField, RunnerFields):
+class ExperimentParams(ModelFields, PretrainFields, OptimizerField, RunnerFields):
     """The whole KNOW experiment: meta-data, KNOWN, the target trajectory, predictions,
     fine-tunes over paired seeds, and the report."""
 
@@ -111,9 +111,6 @@ class ExperimentParams(ModelFields, OptimizerField, RunnerFields):
     width: int = Field(24, ge=0, description="Model width (resnet 24 = ~170k parameters)")
     checkpoint: str = Field("", description="State_dict file (.pt or .safetensors) used as Θ0 instead of pre-training "
                             "on the source data (see `know trajectory --checkpoint`)")
-    pretrain_epochs: int = Field(5, ge=1, description="Source pre-training epochs")
-    pretrain_lr: float = Field(1e-3, gt=0, description="Source pre-training Adam lr")
-    pretrain_batch_size: int = Field(128, ge=1, description="Source pre-training batch size")
     # forgetting trajectory
     r: float = Field(0.5, gt=0, lt=1, description="Sampling rate of the nested subsets; method factors must be "
                      "powers of 1/r")

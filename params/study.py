@@ -30,10 +30,15 @@ SCREEN: dict[str, dict[str, Any]] = {
     "target-matched-meta": {"meta_runs": 0, "meta_matched_runs": 4},
     "longer-pretraining": {"pretrain_epochs": 15},
     "raw-scaling": {"known_scaling": "raw"},
+    # the real form of longer-pretraining's fixed-length stand-in (see SCREEN_LATE)
+    "plateau-pretraining": {"pretrain_epochs": 30, "pretrain_patience": 3},
 }
+#: screen variants added after others had run: what the study's notes say about each
+SCREEN_LATE = {"plateau-pretraining": "added on 2026-12-02, after the first six had run; its settings were fixed "
+                                      "before it ran"}
 
-#: what every screen variant runs, sized so that the six variants take about an hour on 2 CPU
-#: cores (5 seeds): our KNOW at x8 with its own shrink control (added automatically), naive, and
+#: what every screen variant runs, sized so that the first six variants took about an hour on 2
+#: CPU cores (5 seeds): our KNOW at x8 with its own shrink control (added automatically), naive, and
 #: both tuned rows (know-lr tunes its x8 start). x2 and the official rows are left to `full`:
 #: with them the screen took about 3 hours here (2026-12-02).
 SCREEN_BASE: dict[str, Any] = {
@@ -44,7 +49,7 @@ SCREEN_BASE: dict[str, Any] = {
 STUDY_PRESETS: dict[str, dict[str, Any]] = {
     "screen": {"base": "standard", "grid": False},
     "full": {"base": "standard", "grid": True, "optimizers": "carry,fresh", "meta_modes": "independent,sequential,matched",
-             "pretrain_epochs": "5,15", "known_scalings": "auto,raw,minmax"},
+             "pretrain_epochs": "5,15,plateau:30", "known_scalings": "auto,raw,minmax"},
 }
 
 
@@ -58,7 +63,7 @@ class StudyParams(RunnerFields):
     """A grid of `know run` variants sharing one store, one KNOWN per meta-data config and
     one cell cache, then one table, one picture and a conclusion written from the numbers."""
 
-    preset: Literal["screen", "full", "custom"] = Field("screen", description="screen: 6 variants, one hypothesis "
+    preset: Literal["screen", "full", "custom"] = Field("screen", description="screen: 7 variants, one hypothesis "
                                                         "each, KNOW x8 (about an hour on 2 cores) | full: the whole grid of the "
                                                         "axes (GPU workers) | custom: the grid of the axes given")
     out: str = Field("results/study", description="Output folder: the shared store, KNOWN, cells, one folder per "
@@ -68,12 +73,16 @@ class StudyParams(RunnerFields):
     optimizers: str = Field("carry", description="Axis: optimizer regime of the target and meta runs (carry, fresh)")
     meta_modes: str = Field("independent", description="Axis: meta-data mode (independent, sequential, matched = "
                             "target-matched: the target's architecture and recipe on other seeds)")
-    pretrain_epochs: str = Field("5", description="Axis: source pre-training epochs")
+    pretrain_epochs: str = Field("5", description="Axis: source pre-training epochs N, or plateau:N = until the "
+                                 "source validation accuracy plateaus (patience pretrain_patience), N the cap")
+    pretrain_patience: int = Field(3, ge=1, description="Patience of the plateau:N values of pretrain_epochs")
     known_scalings: str = Field("auto", description="Axis: KNOWN input scaling (auto, raw, minmax)")
     overrides: str = Field("{}", description="JSON object of `know run` fields applied to every variant (e.g. a "
                            "smaller target for a smoke test)")
     official_dir: str = Field("", description="Directory of the authors' KNOWN_*.h5; empty = no official rows")
     seeds: int = Field(5, ge=1, description="Fine-tune seeds per method (the conclusion needs >= 5)")
+    only: str = Field("", description="Comma-separated variant names: run only these of the study's variants "
+                      "(empty = all); the table shows them and every other variant already finished in --out")
     force: bool = Field(False, description="Reuse an output folder that holds a different study")
     parallel_variants: int = Field(1, ge=1, description="Variants run at once (sub-flows on a thread pool; each "
                                    "sends its runs and fine-tunes to --runner with --workers). A product two "
@@ -112,20 +121,34 @@ class StudyParams(RunnerFields):
 
     def identity(self) -> dict:
         """What makes two studies the same (run-time knobs excluded)."""
+        # a field added later leaves the identity while unused, so that earlier study folders keep matching
+        unused = set() if "plateau" in self.pretrain_epochs else {"pretrain_patience"}
         return self.model_dump(exclude={"out", "force", "workers", "device", "runner", "dask_address",
-                                        "parallel_variants"})
+                                        "parallel_variants", "only", *unused})
 
     def done_identity(self) -> dict:
         """What a finished study folder's done.json must match (its variants have their own)."""
         return self.identity()
 
-    def variants(self) -> list[Variant]:
+    def variants(self, every: bool = False) -> list[Variant]:
+        """The variants to run (`only`'s, else all); every=True: all of the study's."""
+        every_variant = self._every_variant()
+        if every or not self.only:
+            return every_variant
+        wanted = _items(self.only, "only")
+        unknown = [w for w in wanted if w not in {v.name for v in every_variant}]
+        if unknown:
+            raise ValueError(f"only: no variant named {', '.join(unknown)}; this study's variants are "
+                             f"{', '.join(v.name for v in every_variant)}")
+        return [v for v in every_variant if v.name in wanted]
+
+    def _every_variant(self) -> list[Variant]:
         if self.preset == "screen":
             return [Variant(name, {**SCREEN_BASE, **o}) for name, o in SCREEN.items()]
         axes = {
             "optimizer": _items(self.optimizers, "optimizers"),
             "meta_mode": _items(self.meta_modes, "meta_modes"),
-            "pretrain_epochs": [int(x) for x in _items(self.pretrain_epochs, "pretrain_epochs")],
+            "pretrain_epochs": [_pretrain_item(x) for x in _items(self.pretrain_epochs, "pretrain_epochs")],
             "known_scaling": _items(self.known_scalings, "known_scalings"),
         }
         out = []
@@ -133,22 +156,27 @@ class StudyParams(RunnerFields):
             values = dict(zip(axes, combo))
             mode = values.pop("meta_mode")
             o = dict(values)
+            o["pretrain_epochs"], patience = values["pretrain_epochs"]
+            if patience:
+                o["pretrain_patience"] = self.pretrain_patience
             if mode == "sequential":
                 o.update(meta_runs=0, meta_sequential_runs=8)
             elif mode == "matched":
                 o.update(meta_runs=0, meta_matched_runs=4)
             elif mode != "independent":
                 raise ValueError(f"meta_modes: unknown mode {mode!r}; use independent, sequential or matched")
-            name = "-".join([values["optimizer"], mode, f"pre{values['pretrain_epochs']}", values["known_scaling"]])
+            epochs, patience = values["pretrain_epochs"]
+            name = "-".join([values["optimizer"], mode, f"pre{'plateau' if patience else ''}{epochs}",
+                             values["known_scaling"]])
             out.append(Variant(name, o))
         return out
 
-    def experiments(self) -> dict[str, ExperimentParams]:
+    def experiments(self, every: bool = False) -> dict[str, ExperimentParams]:
         """{variant name: its experiment}, each in <out>/variants/<name>, sharing the store,
-        the KNOWN folders (one per meta-data config) and the cell cache."""
+        the KNOWN folders (one per meta-data config) and the cell cache (every: see variants)."""
         shared = json.loads(self.overrides)
         out = {}
-        for v in self.variants():
+        for v in self.variants(every):
             fields = {"official_dir": self.official_dir, "seeds": self.seeds, "workers": self.workers,
                       "runner": self.runner, "dask_address": self.dask_address, "device": self.device,
                       **v.overrides, **shared}
@@ -170,8 +198,21 @@ META_FIELDS = ("meta_dataset", "meta_classes", "meta_limit", "meta_models", "met
 
 def meta_key(p: ExperimentParams) -> str:
     """A short hash of the meta-data config: variants with equal keys share one KNOWN folder."""
-    text = json.dumps({k: getattr(p, k) for k in META_FIELDS}, sort_keys=True)
+    key = {k: getattr(p, k) for k in META_FIELDS}
+    if p.pretrain_patience:  # added later: in the key only when set, so earlier KNOWN folders keep theirs
+        key.update(pretrain_patience=p.pretrain_patience, pretrain_val_fraction=p.pretrain_val_fraction)
+    text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _pretrain_item(text: str) -> tuple[int, bool]:
+    """'15' -> (15, False): fixed epochs; 'plateau:30' -> (30, True): until plateau, capped at 30."""
+    head, _, cap = text.partition(":")
+    value = cap if head == "plateau" else text
+    if (head == "plateau" and not cap) or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"pretrain_epochs: {text!r} is neither a number of epochs (e.g. 15) nor plateau:CAP "
+                         "(e.g. plateau:30)")
+    return int(value), head == "plateau"
 
 
 def _items(text: str, name: str) -> list[str]:
@@ -181,4 +222,4 @@ def _items(text: str, name: str) -> list[str]:
     return items
 
 
-__all__ = ["StudyParams", "Variant", "SCREEN", "SCREEN_BASE", "STUDY_PRESETS", "meta_key"]
+__all__ = ["StudyParams", "Variant", "SCREEN", "SCREEN_BASE", "SCREEN_LATE", "STUDY_PRESETS", "meta_key"]

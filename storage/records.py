@@ -133,6 +133,9 @@ class CheckpointInfo(_Record):
     device: str = ""
     sha256: str = ""  # imported from a user's state_dict file (tasks/checkpoint.py): the file's full sha256
     source_file: str = ""  # that file's path when it was imported
+    epochs_run: int | None = None  # pre-training until plateau: epochs trained, the kept one, val accuracy per epoch
+    best_epoch: int | None = None
+    val_acc: list[float] = Field(default_factory=list)
 
 
 class CheckpointRecord(CheckpointInfo):

@@ -21,7 +21,8 @@ from know_core.data import subset_sizes
 from know_core.layout import flatten_state, param_layout, unflatten_state
 from know_core.models import ModelSpec, build_seeded
 from know_core.errors import NonFinite, StoreState
-from know_core.train import AdamState, TrainConfig, accuracy, iter_trajectory, pick_device, train_epochs
+from know_core.train import (AdamState, TrainConfig, accuracy, iter_trajectory, pick_device, train_epochs,
+                             train_until_plateau)
 from storage.lease import Lease, LeaseLost
 from storage.records import CheckpointInfo
 from storage.trajectory import TrajectoryStore, config_hash
@@ -107,6 +108,8 @@ class PretrainSpec(ModelChoice):
     batch_size: int
     seed: int
     augment: bool
+    patience: int = 0  # > 0: until the validation accuracy plateaus, `epochs` the cap (know_core.train.train_until_plateau)
+    val_fraction: float = 0.0  # with patience: the share of the training split held out for validation
 
     @property
     def checkpoint_id(self) -> str:
@@ -151,13 +154,24 @@ def _pretrain(store: TrajectoryStore, spec: PretrainSpec, device: str, log) -> s
     t0 = time.perf_counter()
     model.to(pick_device(device))
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)  # kept: a `carry` trajectory continues with it
-    train_epochs(model, data, tcfg, optimizer=opt,
-                 on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d loss %.4f", e + 1, spec.epochs, loss))
+    plateau = {}
+    if spec.patience:
+        train, val = data.holdout(spec.val_fraction, seed=spec.seed)  # Θ0 never trains on its validation images
+        def progress(e: int, loss: float, acc: float) -> None:
+            log.info("pretrain epoch %d (cap %d) loss %.4f, source validation accuracy %.4f", e + 1, spec.epochs, loss, acc)
+
+        result = train_until_plateau(model, train, val, tcfg, spec.patience, optimizer=opt, on_epoch=progress)
+        plateau = dict(epochs_run=result.epochs_run, best_epoch=result.best_epoch, val_acc=result.val_acc)
+        log.info("pretrain: %d epochs run, epoch %d kept (validation accuracy %.4f on %d held-out images)",
+                 result.epochs_run, result.best_epoch + 1, result.val_acc[result.best_epoch], len(val))
+    else:
+        train_epochs(model, data, tcfg, optimizer=opt,
+                     on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d loss %.4f", e + 1, spec.epochs, loss))
     test_acc = accuracy(model, spec.load("test"), device=device)
     layout = param_layout(model)
     store.save_checkpoint(ckpt, flatten_state(model.state_dict(), layout), layout, CheckpointInfo(
         spec=spec.model_dump(), model_spec=mspec.__dict__, test_acc=test_acc,
-        train_seconds=round(time.perf_counter() - t0, 3), device=str(pick_device(device)),
+        train_seconds=round(time.perf_counter() - t0, 3), device=str(pick_device(device)), **plateau,
     ), optimizer=AdamState.of(opt, model))
     log.info("checkpoint %s saved: source test accuracy %.4f", ckpt, test_acc)
     return ckpt

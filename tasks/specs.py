@@ -5,7 +5,8 @@ their stage model (params/); it has no defaults of its own, so no setting is dec
 `spec.run_id` is sha256 of its canonical JSON, so the same config always maps to the same
 run in the store, which is what makes collection idempotent and resumable.
 
-Fields added after ids were first issued (model_kwargs, head, checkpoint_sha256) enter the
+Fields added after ids were first issued (model_kwargs, head, checkpoint_sha256, and a
+pre-training's patience and val_fraction) enter the
 hash only when set, so every run and checkpoint recorded before them keeps its id.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from storage.records import RunInfo
 from storage.trajectory import config_hash
 
 #: hashed only when set (not empty): ids issued before these fields existed stay valid
-_HASHED_WHEN_SET = ("model_kwargs", "head", "checkpoint_sha256")
+_HASHED_WHEN_SET = ("model_kwargs", "head", "checkpoint_sha256", "patience", "val_fraction")
 
 
 class DataSpec(DataFields):

@@ -94,13 +94,25 @@ def test_two_variant_study_shares_stages_and_reruns_for_free(tmp_path):
     assert all(is_done(e.out, e.done_identity()) for e in params.experiments().values())
     assert not is_done(out, params.model_copy(update={"seeds": 3}).done_identity())
 
-    # a re-run (as after a kill): every variant reused, no cell or chunk rewritten
+    # a re-run (as after a kill): every variant reused, no cell or chunk rewritten. It runs only
+    # the second variant (--only); the table still shows both, the first being finished
     files = sorted(p for p in out.rglob("*") if p.is_file() and ("cells" in p.parts or "c" in p.parts))
     before = {p: os.stat(p).st_mtime_ns for p in files}
-    assert know_study(params.model_copy(update={"parallel_variants": 1})) == str(out)
+    assert know_study(params.model_copy(update={"parallel_variants": 1, "only": names[1]})) == str(out)
     after = sorted(p for p in out.rglob("*") if p.is_file() and ("cells" in p.parts or "c" in p.parts))
     assert after == files
     assert {p: os.stat(p).st_mtime_ns for p in files} == before
+    assert list(pd.read_csv(out / "study.csv").variant) == names and is_done(out, params.done_identity())
+
+    # with the first variant unfinished, --only the second: its row alone, the first named as not
+    # run, and the study is not marked done
+    from storage.done import clear_done
+
+    clear_done(out / "variants" / names[0])
+    know_study(params.model_copy(update={"only": names[1]}))
+    assert list(pd.read_csv(out / "study.csv").variant) == [names[1]]
+    assert f"Not run yet (left out by --only): {names[0]}." in (out / "study.md").read_text()
+    assert not (out / "done.json").exists()
 
 
 def test_screen_variants_are_fixed_and_valid():
