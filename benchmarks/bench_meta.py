@@ -9,7 +9,7 @@ training throughput against the in-memory path and against this machine's matmul
    nested selections of one store.
 2. RSS: for each size a fresh process runs the product's meta-training task
    (`tasks.meta.train_known_set`, loader=stream, 1 epoch, raw scaling, the default 20,000
-   pairs per run and kind) over that selection and reports its peak RSS (ru_maxrss). With the
+   pairs per run and kind) over that selection and reports its peak RSS (VmHWM). With the
    cap the pairs are a sample of each run, but every block spans whole chunks, so the loader
    reads and decodes every chunk of every selected run once per kind: the whole store goes
    through the process.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, footer, header, median, ratio_line
+from _common import ROOT, footer, header, median, proc_status_mb, ratio_line
 
 STAGES = 8
 FLOP_PER_PAIR_STEP = 3 * 17_664
@@ -85,7 +84,7 @@ def child_rss(args) -> dict:
                      for b in pair_blocks(store, train_ids + val_ids, spec, kind))
     t0 = time.perf_counter()
     train_known_set.fn(spec, "all", "raw")
-    return {"wall": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"wall": time.perf_counter() - t0, "peak_rss_mb": proc_status_mb("VmHWM"),
             "read_bytes": read_bytes, "runs": len(train_ids) + len(val_ids)}
 
 
