@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from know_core.errors import BadInput
 from params.predict import MetaTrainParams
 from storage.locks import exclusive
 from storage.results import save_table
 from storage.trajectory import TrajectoryStore
+from tasks.common import run_logger
 from tasks.meta import eligible_runs, meta_provenance, meta_report, pick_default, train_known_set
 
 from .common import resume_hint
@@ -62,7 +63,7 @@ def meta_train_known(params: MetaTrainParams = MetaTrainParams()) -> dict:
         preflight(params)
         # one meta-training of a folder at a time: two study variants (or two processes) that
         # share a KNOWN folder train it once, the second finds every model up to date
-        with exclusive(Path(params.out) / ".meta-train.lock", f"KNOWN {params.out}", get_run_logger()):
+        with exclusive(Path(params.out) / ".meta-train.lock", f"KNOWN {params.out}", run_logger()):
             return _meta_train(params)
 
 

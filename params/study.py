@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import RunnerFields, StageModel
+from .common import RunnerFields, StageModel, option
 from .experiment import PRESETS, ExperimentParams
 
 #: the screen: one hypothesis per variant, each against today's standard (fixed in advance)
@@ -138,7 +138,7 @@ class StudyParams(RunnerFields):
         wanted = _items(self.only, "only")
         unknown = [w for w in wanted if w not in {v.name for v in every_variant}]
         if unknown:
-            raise ValueError(f"only: no variant named {', '.join(unknown)}; this study's variants are "
+            raise ValueError(f"{option('only')}: no variant named {', '.join(unknown)}; this study's variants are "
                              f"{', '.join(v.name for v in every_variant)}")
         return [v for v in every_variant if v.name in wanted]
 
@@ -210,8 +210,8 @@ def _pretrain_item(text: str) -> tuple[int, bool]:
     head, _, cap = text.partition(":")
     value = cap if head == "plateau" else text
     if (head == "plateau" and not cap) or not value.isdigit() or int(value) < 1:
-        raise ValueError(f"pretrain_epochs: {text!r} is neither a number of epochs (e.g. 15) nor plateau:CAP "
-                         "(e.g. plateau:30)")
+        raise ValueError(f"{option('pretrain_epochs')}: {text!r} is neither a number of epochs (e.g. 15) nor "
+                         "plateau:CAP (e.g. plateau:30)")
     return int(value), head == "plateau"
 
 

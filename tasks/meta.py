@@ -176,10 +176,12 @@ def streams(spec: MetaTrainParams, store: TrajectoryStore, run_ids: list[str]) -
 
 
 def known_input_hash(spec: MetaTrainParams, runs: list[RunRecord], train_ids: list[str], val_ids: list[str],
-                     scaling: str) -> str:
+                     scaling: str, streamed: bool | None = None) -> str:
     """What one KNOWN model is trained from: the settings, the run split and each run's
-    completion stamp (a re-collected run is new data). Equal hash = the saved model is current."""
-    streamed = streams(spec, TrajectoryStore(spec.store), train_ids)
+    completion stamp (a re-collected run is new data). Equal hash = the saved model is current.
+    `streamed`: `streams(...)` when the caller has it (it lists every run's chunks)."""
+    if streamed is None:
+        streamed = streams(spec, TrajectoryStore(spec.store), train_ids)
     return config_hash({**spec.model_dump(exclude={"out", "official_dir", "compare_modes", "meta_data", "scaling",
                                                    "only_runs", "exclude_runs", "loader", "buffer_pairs"}),
                         **({"loader": "stream", "buffer_pairs": spec.buffer_pairs} if streamed else {}),
@@ -209,11 +211,11 @@ def train_known_set(spec: MetaTrainParams, meta_data: str, scaling: str) -> str:
     runs = eligible_runs(store, spec, meta_data)
     train_ids, val_ids = split_by_model(runs, spec)
     out = Path(spec.out) / meta_data / scaling
-    input_hash = known_input_hash(spec, runs, train_ids, val_ids, scaling)
+    streamed = streams(spec, store, train_ids)
+    input_hash = known_input_hash(spec, runs, train_ids, val_ids, scaling, streamed)
     if known_path(out).exists() and load_known_payload(out).get("provenance", {}).get("input_hash") == input_hash:
         log.info("KNOWN %s/%s is up to date: skipped", meta_data, scaling)
         return str(out)
-    streamed = streams(spec, store, train_ids)
     if streamed:
         log.info("KNOWN %s/%s: pairs streamed from the store through a %d-pair shuffle buffer", meta_data, scaling,
                  spec.buffer_pairs)

@@ -94,6 +94,8 @@ CASES = [
     ("trajectory-unknown-model", "trajectory --store {store} --model vgg", "--model", ""),
     ("trajectory-pretrain-epochs-0", "trajectory --store {store} --pretrain-epochs 0", "--pretrain-epochs", "at least 1"),
     ("trajectory-pretrain-lr-0", "trajectory --store {store} --pretrain-lr 0", "--pretrain-lr", "greater than 0"),
+    ("trajectory-pretrain-val-fraction-0.9", "trajectory --store {store} --pretrain-patience 2 --pretrain-val-fraction 0.9",
+     "--pretrain-val-fraction", "less than 0.5"),
     ("trajectory-stages-1", "trajectory --store {store} --stages 1", "--stages", "at least 2"),
     ("trajectory-batch-larger-than-subset", "trajectory --store {store} --limit 200 --batch-size 128 --stages 5",
      "batch size 128", "lower --batch-size"),
@@ -159,6 +161,10 @@ CASES = [
      "--full-source-limit", "half-data"),
     ("run-predictor-without-factor", "run --preset quick --out {root}/x --methods naive,know", "know", "know:2"),
     ("run-unknown-optimizer", "run --preset quick --out {root}/x --optimizer sgd", "--optimizer", ""),
+    # ---- study
+    ("study-only-unknown-variant", "study --out {root}/x --only nope", "--only", "this study's variants are"),
+    ("study-bad-pretrain-epochs", "study --preset custom --out {root}/x --pretrain-epochs plateau", "--pretrain-epochs",
+     "plateau:CAP"),
     # ---- submit / resume (checked before the API is contacted)
     ("submit-unknown-stage", "submit warp", "warp", ""),
     ("submit-param-without-equals", "submit collect --param runs", "runs", "key=value"),

@@ -107,7 +107,7 @@ def test_study_plateau_axis_and_screen_variant():
     assert exps[names[1]].pretrain_patience == 4 and exps[names[1]].pretrain_epochs == 20
     assert exps[names[0]].pretrain_patience == 0
     for bad in ("plateau", "plateau:x", "0", "ten"):
-        with pytest.raises(ValueError, match="pretrain_epochs"):
+        with pytest.raises(ValueError, match="--pretrain-epochs"):
             StudyParams(preset="custom", pretrain_epochs=bad)
 
 
@@ -117,5 +117,5 @@ def test_study_only_runs_the_named_variants():
     p = StudyParams(preset="screen", only="plateau-pretraining, standard")
     assert [v.name for v in p.variants()] == ["standard", "plateau-pretraining"]
     assert p.identity() == StudyParams(preset="screen").identity()  # a run-time choice: the same study folder
-    with pytest.raises(ValueError, match="only: no variant named nope"):
+    with pytest.raises(ValueError, match="--only: no variant named nope"):
         StudyParams(preset="screen", only="nope")
