@@ -81,7 +81,7 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         tables = {name: (load_table(Path(exp.out) / "summary.csv"), load_table(Path(exp.out) / "target_diagnostics.csv"))
                   for name, exp in shown.items()}
         table = study_table(tables)
-        notes = [f"{len(shown)} variants of the `{params.base}` preset ({params.preset} study), {params.seeds} "
+        notes = [f"{len(shown)} variant{'s' if len(shown) != 1 else ''} of the `{params.base}` preset ({params.preset} study), {params.seeds} "
                  "paired seeds each; the variant list was fixed before any result was seen"
                  + "".join(f", except {n}: {why}" for n, why in SCREEN_LATE.items()
                            if n in shown and params.preset == "screen") + ".",

@@ -165,6 +165,43 @@ def test_dask_address_collects_concurrently_into_one_store(cluster, serial, tmp_
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
+def test_know_run_sends_its_fine_tunes_to_the_dask_cluster(cluster, tmp_path):
+    """`know run --runner dask --dask-address ADDR`: the same tiny experiment twice on one store
+    and one KNOWN, with two cell caches. The first fine-tunes in threads here; the second sends
+    every cell to the two worker processes and gets the same accuracies."""
+    import pandas as pd
+
+    from flows.experiment import know_run, preset_params
+
+    tiny = dict(seeds=2, meta_runs=2, meta_epochs=1, meta_pairs_per_run=1000, meta_limit=300, pretrain_epochs=1,
+                target_train_size=60, phase1_epochs=1, phase2_epochs=1, methods="naive,know:2", workers=2,
+                store=str(tmp_path / "store.zarr"), known_dir=str(tmp_path / "known"), device="cpu")
+    know_run(preset_params("quick", out=str(tmp_path / "thread"), runner="thread", **tiny))
+    rec = _attach(cluster)
+    try:
+        know_run(preset_params("quick", out=str(tmp_path / "dask"), runner="dask",
+                               dask_address=cluster.scheduler_address, **tiny))
+    finally:
+        _detach(cluster)
+    done = [r for r in rec.done if r["status"] == "memory" and r["start"] is not None]
+    cells = [r for r in done if r["key"].startswith("finetune_cell-")]
+    # naive, know x2 and its shrink control on 2 seeds: every cell ran there (the meta runs,
+    # complete in the store, were only checked there: 2 models x 2 runs)
+    assert len(cells) == 3 * 2, done
+    assert len([r for r in done if r["key"].startswith("collect_run-")]) == 4, done
+    assert {r["worker"] for r in cells} <= set(cluster.scheduler.workers)
+    assert len(list((tmp_path / "dask" / "cells").glob("*.json"))) == 3 * 2
+    want = pd.read_csv(tmp_path / "thread" / "results.csv")
+    got = pd.read_csv(tmp_path / "dask" / "results.csv")
+    cols = [c for c in want.columns if not c.endswith("_s") and "second" not in c]  # every accuracy, not the clocks
+    assert "test_acc" in cols and len(want) >= 3 * 2
+    key = ["method", "factor", "seed"]
+    pd.testing.assert_frame_equal(got.sort_values(key, kind="stable")[cols].reset_index(drop=True),
+                                  want.sort_values(key, kind="stable")[cols].reset_index(drop=True))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
 def test_dask_local_cluster_path(serial, tmp_path):
     """`--runner dask --workers 2` without an address: prefect-dask starts its own LocalCluster
     of two single-thread worker processes. Four runs: the sweep's RNG draws run by run, so they
