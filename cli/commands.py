@@ -172,7 +172,7 @@ def import_release(p: Annotated[ImportParams, Flat]):
 
 @app.command
 def study(*, p: Annotated[StudyParams, Flat] = StudyParams()):
-    """Run the regime study: a grid of `know run` variants (screen: 6 hypotheses, one each,
+    """Run the regime study: a grid of `know run` variants (screen: 7 hypotheses, one each,
     against the standard run), then study.csv/.md, gain_vs_coherence.png and a conclusion
     written from the numbers. Variants share the store, KNOWN and fine-tune cells, so a re-run
     recomputes nothing that finished."""

@@ -72,7 +72,7 @@ def finished_output(argv: list[str]) -> str | None:
         p = bound.kwargs.get("p") or bound.signature.parameters["p"].default  # no options: the defaults
         if Path(p.out) != out or not is_done(p.out, p.done_identity()):
             return None
-        if argv[0] == "study" and not all(is_done(e.out, e.done_identity()) for e in p.experiments().values()):
+        if argv[0] == "study" and not all(is_done(e.out, e.done_identity()) for e in p.experiments(every=True).values()):
             return None  # a variant's runs or products changed (the store is the variants')
     except Exception:  # noqa: BLE001 - the normal path reports bad options properly
         return None

@@ -65,6 +65,8 @@ class ImageData:
         least one left), e.g. a validation split carved from a training split."""
         if not 0 < fraction < 1:
             raise ValueError("fraction must be in (0, 1)")
+        if len(self) < 2:
+            raise ValueError(f"{self.name}: {len(self)} image(s) cannot be split into two non-empty parts")
         n = len(self)
         n_out = min(max(1, round(fraction * n)), n - 1)
         perm = np.random.default_rng(seed).permutation(n)

@@ -258,8 +258,10 @@ class ExperimentParams(ModelFields, PretrainFields, OptimizerField, RunnerFields
         return 0 if factor == 1.0 else step_for_factor(factor, self.r)
 
     def identity(self) -> dict:
-        """What makes two experiments the same (run-time knobs excluded)."""
-        return self.model_dump(exclude=RUNTIME_FIELDS)
+        """What makes two experiments the same (run-time knobs excluded). Fields added later
+        leave it while unused, so that folders made before them keep matching."""
+        unused = set() if self.pretrain_patience else {"pretrain_patience", "pretrain_val_fraction"}
+        return self.model_dump(exclude=RUNTIME_FIELDS | unused)
 
     def done_identity(self) -> dict:
         """What a finished folder's done.json must match: the identity and where the products

@@ -64,7 +64,7 @@ class StudyParams(RunnerFields):
     one cell cache, then one table, one picture and a conclusion written from the numbers."""
 
     preset: Literal["screen", "full", "custom"] = Field("screen", description="screen: 7 variants, one hypothesis "
-                                                        "each, KNOW x8 (about an hour on 2 cores) | full: the whole grid of the "
+                                                        "each, KNOW x8 (about 50 min on 2 idle cores) | full: the whole grid of the "
                                                         "axes (GPU workers) | custom: the grid of the axes given")
     out: str = Field("results/study", description="Output folder: the shared store, KNOWN, cells, one folder per "
                      "variant, study.csv/.md, gain_vs_coherence.png")

@@ -134,7 +134,7 @@ class CheckpointInfo(_Record):
     sha256: str = ""  # imported from a user's state_dict file (tasks/checkpoint.py): the file's full sha256
     source_file: str = ""  # that file's path when it was imported
     epochs_run: int | None = None  # pre-training until plateau: epochs trained, the kept one, val accuracy per epoch
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # 0-based (the log prints it 1-based)
     val_acc: list[float] = Field(default_factory=list)
 
 

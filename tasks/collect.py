@@ -119,7 +119,8 @@ class PretrainSpec(ModelChoice):
 @task(name="pretrain", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,
       task_run_name="pretrain-{spec.model}-{spec.dataset}-seed{spec.seed}")
 def pretrain(store_url: str, spec: PretrainSpec, device: str = "auto", threads: int = 0) -> str:
-    """Pre-train a model on the full source data and keep its checkpoint in the store."""
+    """Pre-train a model on the source data (all of it, or all but its validation split when
+    spec.patience is set) and keep its checkpoint in the store."""
     log = run_logger()
     set_torch_threads(threads)
     store = TrajectoryStore(store_url)

@@ -198,7 +198,8 @@ def known_is_current(spec: MetaTrainParams) -> bool:
     train_ids, val_ids = split_by_model(runs, spec)
     have = load_known_payload(spec.out).get("provenance", {}).get("input_hash")
     scalings = ("raw", "minmax") if getattr(spec, "scaling", "auto") == "auto" else (spec.scaling,)
-    return have in {known_input_hash(spec, runs, train_ids, val_ids, s) for s in scalings}
+    streamed = streams(spec, TrajectoryStore(spec.store), train_ids)
+    return have in {known_input_hash(spec, runs, train_ids, val_ids, s, streamed) for s in scalings}
 
 
 @task(name="meta-train-known", retries=1, retry_delay_seconds=1, retry_condition_fn=retry_unless_bad_input,

@@ -33,6 +33,8 @@ def test_holdout_is_a_seeded_disjoint_split():
     for fraction in (0.0, 1.0):
         with pytest.raises(ValueError):
             ds.holdout(fraction, seed=0)
+    with pytest.raises(ValueError, match="cannot be split"):
+        ds.take([0]).holdout(0.5, seed=0)
 
 
 def test_plateau_stops_keeps_the_best_epoch_and_matches_a_fixed_run_of_that_length():
@@ -57,8 +59,9 @@ def test_plateau_stops_keeps_the_best_epoch_and_matches_a_fixed_run_of_that_leng
     train_epochs(fixed, train, TrainConfig(**{**cfg.__dict__, "epochs": result.best_epoch + 1}), optimizer=fixed_opt)
     for (k, a), b in zip(model.state_dict().items(), fixed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
-    step = [s["step"] for s in opt.state_dict()["state"].values()]
-    assert step == [s["step"] for s in fixed_opt.state_dict()["state"].values()]
+    for a, b in zip(opt.state_dict()["state"].values(), fixed_opt.state_dict()["state"].values()):
+        for name in ("step", "exp_avg", "exp_avg_sq"):  # the moments a carried optimizer continues with
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_plateau_with_patience_beyond_the_cap_runs_every_epoch():
@@ -77,7 +80,8 @@ def test_trajectory_with_patience_records_the_plateau_and_keeps_old_ids(tmp_path
                 pretrain_lr=3e-2, stages=2, batch_size=32, seed=0)
     fixed_pre, _ = target_specs(TrajectoryParams(**base))
     # the fields enter the id only when set: a fixed-length pre-training keeps the id it always had
-    assert "patience" not in fixed_pre.hashed() and "val_fraction" not in fixed_pre.hashed()
+    # (computed with the code before them, a611596)
+    assert fixed_pre.checkpoint_id == "pre-f998b171f74b6d68"
     params = TrajectoryParams(**base, pretrain_patience=2, pretrain_val_fraction=0.2)
     pre, run = target_specs(params)
     assert pre.checkpoint_id != fixed_pre.checkpoint_id and run.start == pre.checkpoint_id
@@ -119,3 +123,24 @@ def test_study_only_runs_the_named_variants():
     assert p.identity() == StudyParams(preset="screen").identity()  # a run-time choice: the same study folder
     with pytest.raises(ValueError, match="--only: no variant named nope"):
         StudyParams(preset="screen", only="nope")
+
+
+#: ExperimentParams().identity()'s keys before the plateau fields (a611596): a folder made then
+#: must still count as the same experiment
+IDENTITY_BEFORE = ["augment", "checkpoint", "data_dir", "ft_batch_size", "full_source_limit", "head", "known_scaling",
+                   "lr1", "lr2", "lr_grid_extend", "meta_classes", "meta_data_dir", "meta_dataset", "meta_epochs",
+                   "meta_limit", "meta_matched_runs", "meta_models", "meta_pairs_per_run", "meta_runs",
+                   "meta_sequential_runs", "meta_stages", "methods", "model", "model_kwargs", "naive_lr_grid",
+                   "official_dir", "optimizer", "phase1_epochs", "phase2_epochs", "pretrain_batch_size",
+                   "pretrain_epochs", "pretrain_lr", "r", "seeds", "shrink_controls", "source_classes",
+                   "source_data_dir", "source_dataset", "source_limit", "target_classes", "target_data_dir",
+                   "target_dataset", "target_train_size", "traj_batch_size", "traj_lr", "width", "window"]
+
+
+def test_experiment_identity_gains_the_plateau_fields_only_when_used():
+    from params.experiment import ExperimentParams
+
+    assert sorted(ExperimentParams().identity()) == IDENTITY_BEFORE
+    assert sorted(ExperimentParams(pretrain_val_fraction=0.2).identity()) == IDENTITY_BEFORE  # unused without patience
+    used = ExperimentParams(pretrain_patience=3).identity()
+    assert used["pretrain_patience"] == 3 and used["pretrain_val_fraction"] == 0.1
