@@ -131,6 +131,10 @@ def test_rerun_is_skipped(world, trained):
         assert os.stat(f).st_mtime_ns == OLD_NS, f"{f} was rewritten"
     assert result["scaling"] == trained.result["scaling"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "val_l1.csv"), before)
+    # the flow's body as a plain function, outside any run (its lock once asked Prefect for a
+    # run logger and raised MissingContextError): the same answer, nothing rewritten
+    assert meta_train_known.fn(_params(world, out))["scaling"] == trained.result["scaling"]
+    assert all(os.stat(f).st_mtime_ns == OLD_NS for f in models)
 
 
 @pytest.mark.needs_reference
