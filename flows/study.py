@@ -39,10 +39,19 @@ def preflight(p: StudyParams) -> dict:
     return experiments
 
 
+def variant(name: str, exp: ExperimentParams) -> str:
+    """One variant: nothing when its folder's done.json says it is finished and unchanged (as
+    `know run` on it would print at once), else its `know run` sub-flow."""
+    if is_done(exp.out, exp.done_identity()):
+        print(f"variant {name}: finished and unchanged in {exp.out}: reused")
+        return exp.out
+    return know_run.with_options(flow_run_name=f"variant-{name}")(exp)
+
+
 @task(name="study-variant", task_run_name="variant-{name}")
 def run_variant(name: str, exp: ExperimentParams) -> str:
-    """One variant: its `know run` sub-flow (the task only lets variants run side by side)."""
-    return know_run.with_options(flow_run_name=f"variant-{name}")(exp)
+    """One variant on the study's task runner (the task only lets variants run side by side)."""
+    return variant(name, exp)
 
 
 @flow(name="study-variants")
@@ -75,7 +84,7 @@ def know_study(params: StudyParams = StudyParams()) -> str:
         else:
             for i, (name, exp) in enumerate(experiments.items(), 1):
                 print(f"variant {i}/{len(experiments)}: {name}")
-                know_run.with_options(flow_run_name=f"variant-{name}")(exp)
+                variant(name, exp)
         shown = {name: exp for name, exp in params.experiments(every=True).items()
                  if name in experiments or is_done(exp.out, exp.done_identity())}  # --only: and the finished others
         tables = {name: (load_table(Path(exp.out) / "summary.csv"), load_table(Path(exp.out) / "target_diagnostics.csv"))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 import pandas as pd
 import pytest
@@ -127,3 +128,48 @@ def test_screen_variants_are_fixed_and_valid():
     # variants with the same meta-data config share one KNOWN folder; others do not
     assert exps["standard"].known_dir != exps["raw-scaling"].known_dir
     assert exps["standard"].known_dir != exps["fresh-optimizer"].known_dir
+
+
+def test_a_study_killed_halfway_finishes_without_recomputing_the_finished_variant(tmp_path):
+    """`know study` in a real process, SIGKILLed (its whole process group) once the first
+    variant has finished and the second has begun; the same command again finishes the second
+    and rewrites nothing of the first (its products, cells and store chunks)."""
+    import signal
+    import subprocess
+    import time
+
+    from test_resume import REPO, _env, _start_know, _tail
+
+    out = tmp_path / "study"
+    tiny = json.dumps({**TINY, "workers": 1})
+    argv = ["study", "--preset", "custom", "--base", "quick", "--known-scalings", "auto,raw", "--seeds", "2",
+            "--out", str(out), "--overrides", tiny]
+    names = list(_params(out).experiments())
+    first, second = out / "variants" / names[0], out / "variants" / names[1]
+    log = tmp_path / "first.log"
+    proc = _start_know(argv, tmp_path / "home", log)
+    try:
+        deadline = time.time() + 600
+        # the second variant has begun once its folder holds its record
+        while not ((first / "done.json").exists() and (second / "experiment.json").exists()):
+            assert proc.poll() is None, f"the study ended before it could be killed ({proc.returncode}):\n{_tail(log)}"
+            assert time.time() < deadline, _tail(log)
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (second / "done.json").exists() and not (out / "done.json").exists(), "killed too late to test"
+    made = sorted(p for p in out.rglob("*") if p.is_file() and (first in p.parents or "cells" in p.parts
+                                                                 or "c" in p.parts))
+    before = {p: os.stat(p).st_mtime_ns for p in made}
+
+    again = subprocess.run([sys.executable, "-m", "know_cli", *argv], cwd=REPO, env=_env(tmp_path / "home"),
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert {p: os.stat(p).st_mtime_ns for p in made if p.exists()} == before, "finished work was rewritten"
+    assert all(p.exists() for p in made)
+    assert (second / "done.json").exists() and (out / "done.json").exists()
+    assert list(pd.read_csv(out / "study.csv").variant) == names
