@@ -148,18 +148,25 @@ def train_epochs(
     `optimizer`, when given, is used instead of a fresh ``Adam(lr=cfg.lr)`` (e.g. to carry
     Adam's state from one call to the next); it must hold `model`'s parameters.
     """
+    mean_loss = float("nan")
+    for epoch, mean_loss in _epochs(model, data, cfg, optimizer):
+        if on_epoch:
+            on_epoch(epoch, mean_loss)
+    return mean_loss
+
+
+def _epochs(model: nn.Module, data: ImageData, cfg: TrainConfig,
+            optimizer: torch.optim.Optimizer | None) -> Iterator[tuple[int, float]]:
+    """Up to cfg.epochs epochs of Adam (or `optimizer`) on `data` with the seeded data order
+    and augmentation; yields (epoch, mean loss) after each, so a caller may stop early."""
     device = pick_device(cfg.device)
     model.to(device).train()
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
-    mean_loss = float("nan")
     for epoch in range(cfg.epochs):
-        mean_loss = run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen,
-                              drop_last=cfg.drop_last)
-        if on_epoch:
-            on_epoch(epoch, mean_loss)
-    return mean_loss
+        yield epoch, run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen,
+                               drop_last=cfg.drop_last)
 
 
 @dataclass
@@ -191,16 +198,12 @@ def train_until_plateau(
     """
     if patience < 1:
         raise ValueError("patience must be >= 1")
-    device = pick_device(cfg.device)
-    model.to(device).train()
+    model.to(pick_device(cfg.device))  # before Adam is built on its parameters, as in _epochs
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1) if cfg.augment else None
     history: list[float] = []
     best, best_epoch, best_state = -1.0, -1, None
-    for epoch in range(cfg.epochs):
-        loss = run_epoch(model, opt, data.x, data.y, cfg.batch_size, gen, device, aug_gen, drop_last=cfg.drop_last)
-        acc = accuracy(model, val, device=str(device))
+    for epoch, loss in _epochs(model, data, cfg, opt):
+        acc = accuracy(model, val, device=cfg.device)
         history.append(acc)
         if on_epoch:
             on_epoch(epoch, loss, acc)
@@ -212,7 +215,7 @@ def train_until_plateau(
     if best_epoch != len(history) - 1:
         model.load_state_dict(best_state[0])
         opt.load_state_dict(best_state[1])
-    model.train()
+    model.train()  # accuracy() left it in eval mode
     return PlateauResult(epochs_run=len(history), best_epoch=best_epoch, val_acc=history)
 
 
