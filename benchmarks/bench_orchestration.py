@@ -12,10 +12,10 @@ R: after the loop, each A folder is run again (finished work: the CLI decides fr
    done.json that nothing is left, cli/fastpath.py), against the server and without it.
 C: A with every flow-run heartbeat off (the CLI called inside prefect's temporary_settings with
    PREFECT_FLOWS_HEARTBEAT_FREQUENCY = None); the product itself turns off only its sub-flows'
-   (flows/common.py: no_subflow_heartbeats), so C differs from A by the top-level run's. Where the time goes: Prefect 3.8.8's sync flow
-   engine starts a heartbeat thread per flow run that sleeps in 1 s steps, and joins it when
-   the run ends (flow_engine._send_heartbeats): up to 1 s per flow run, subflows included,
-   and `know run --preset quick` makes 7 flow runs. C measures what that costs.
+   (flows/common.py: no_subflow_heartbeats), so C differs from A by the top-level run's.
+   Why: Prefect 3.8.8's sync flow engine starts a heartbeat thread per flow run that sleeps in
+   1 s steps, and joins it when the run ends (flow_engine._send_heartbeats): up to 1 s per flow
+   run with heartbeats on (`know run --preset quick` made 14 flow runs on 2026-12-02).
 Runs alternate A B C C B A ...; the medians give the ratios. The script also counts the Prefect
 runs' task and flow runs (from the server). The server is stopped (its process group) at the end.
 """

@@ -7,7 +7,7 @@ and one cell cache (the same start point and protocol is fine-tuned once). So a 
 study killed halfway and started again, recomputes nothing that finished.
 
     from flows.study import know_study
-    from params.study import SCREEN_LATE, StudyParams
+    from params.study import StudyParams
     know_study(StudyParams(preset="screen", official_dir="../shared/know_reference"))
 """
 from __future__ import annotations
@@ -85,18 +85,20 @@ def know_study(params: StudyParams = StudyParams()) -> str:
             for i, (name, exp) in enumerate(experiments.items(), 1):
                 print(f"variant {i}/{len(experiments)}: {name}")
                 variant(name, exp)
+        every = params.variants(every=True)
         shown = {name: exp for name, exp in params.experiments(every=True).items()
                  if name in experiments or is_done(exp.out, exp.done_identity())}  # --only: and the finished others
         tables = {name: (load_table(Path(exp.out) / "summary.csv"), load_table(Path(exp.out) / "target_diagnostics.csv"))
                   for name, exp in shown.items()}
         table = study_table(tables)
-        notes = [f"{len(shown)} variant{'s' if len(shown) != 1 else ''} of the `{params.base}` preset ({params.preset} study), {params.seeds} "
-                 "paired seeds each; the variant list was fixed before any result was seen"
+        notes = [f"{len(shown)} variant{'s' if len(shown) != 1 else ''} of the `{params.base}` preset "
+                 f"({params.preset} study), {params.seeds} paired seeds each; the variant list was fixed before any "
+                 "result was seen"
                  + "".join(f", except {n}: {why}" for n, why in SCREEN_LATE.items()
                            if n in shown and params.preset == "screen") + ".",
                  "Variants: " + "; ".join(f"{v.name}: {json.dumps(v.overrides) if v.overrides else 'the base'}"
-                                          for v in params.variants(every=True) if v.name in shown)]
-        left = [v.name for v in params.variants(every=True) if v.name not in shown]
+                                          for v in every if v.name in shown)]
+        left = [v.name for v in every if v.name not in shown]
         if left:
             notes.append(f"Not run yet (left out by --only): {', '.join(left)}.")
         md = study_markdown(table, f"KNOW regime study ({params.preset})", notes)

@@ -155,8 +155,8 @@ class StudyParams(RunnerFields):
         for combo in itertools.product(*axes.values()):
             values = dict(zip(axes, combo))
             mode = values.pop("meta_mode")
-            o = dict(values)
-            o["pretrain_epochs"], patience = values["pretrain_epochs"]
+            epochs, patience = values["pretrain_epochs"]
+            o = {**values, "pretrain_epochs": epochs}
             if patience:
                 o["pretrain_patience"] = self.pretrain_patience
             if mode == "sequential":
@@ -165,7 +165,6 @@ class StudyParams(RunnerFields):
                 o.update(meta_runs=0, meta_matched_runs=4)
             elif mode != "independent":
                 raise ValueError(f"meta_modes: unknown mode {mode!r}; use independent, sequential or matched")
-            epochs, patience = values["pretrain_epochs"]
             name = "-".join([values["optimizer"], mode, f"pre{'plateau' if patience else ''}{epochs}",
                              values["known_scaling"]])
             out.append(Variant(name, o))
