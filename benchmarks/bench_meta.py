@@ -2,6 +2,7 @@
 training throughput against the in-memory path and against this machine's matmul peak.
 
     .venv/bin/python benchmarks/bench_meta.py [--sizes-gb 2,5,20] [--run-params 10000000] [--dir /work]
+    .venv/bin/python benchmarks/bench_meta.py --throughput-only    # rows 3 and 4 only, ~1 GB store
 
 1. One synthetic meta-data store of independent runs (8 stages, float32, `--run-params` each,
    smooth drift plus noise) is written until it holds max(sizes) GB. The smaller stores are
@@ -16,8 +17,9 @@ training throughput against the in-memory path and against this machine's matmul
 3. Throughput, side by side in one process, on the same pairs (3 runs, 2 train + 1 val,
    `--throughput-pairs` per run and kind; the epoch time of B includes reading its blocks):
    A = today's path before streaming (gather every pair in memory, then train_known), B = the
-   streamed path (train_known_streamed through the default 4M-pair buffer); 1 epoch each, 1
-   torch thread (what the meta-training task uses), interleaved A B B A. Pair-steps/s are
+   streamed path (train_known_streamed through the default 4M-pair buffer), C = the Adam steps
+   alone (know_core.meta._step on 64 ready batches: what the epoch rate is capped by); 1 epoch
+   each, 1 torch thread (what the meta-training task uses), interleaved A B C C B A. Pair-steps/s are
    converted to FLOP/s with 3 x 17,664 FLOP per pair (forward + backward of KNOWN's 8,832
    multiply-adds), against the torch.mm peak measured in the same process at 1 thread.
 4. The time of one epoch over the paper's 50 GB (every scalar: 8-stage runs give 3 windows per
@@ -115,6 +117,24 @@ def child_throughput(args) -> dict:
         _, hist = train_known_streamed(tb, vb, block_reader(store), cfg, spec.buffer_pairs)
         return hist[0]["wall_s"], sum(b.n_pairs for b in tb)
 
+    def steps_only() -> tuple[float, int]:
+        """The Adam steps of an epoch alone (know_core.meta._step on ready batches of the same
+        size): no reads, no shuffling gathers, no validation pass. What the epoch rate is
+        capped by."""
+        from know_core.meta import _new_model, _step
+
+        model, opt = _new_model(cfg, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        b, n = cfg.batch_size, 64
+        x = 0.05 * torch.randn(n * b, 5, generator=gen).cumsum(1)
+        y, s = x[:, -1] + 1e-3 * torch.randn(n * b, generator=gen), torch.ones(b)
+        _step(model, opt, x[:b], s, x[:b, -1], y[:b], cfg, n * b, "cpu")  # warm-up
+        t0 = time.perf_counter()
+        for i in range(n):
+            sl = slice(i * b, (i + 1) * b)
+            _step(model, opt, x[sl], s, x[sl, -1], y[sl], cfg, n * b, "cpu")
+        return time.perf_counter() - t0, n * b
+
     def mm_peak() -> float:
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         a @ b
@@ -123,13 +143,14 @@ def child_throughput(args) -> dict:
             a @ b
         return n * 2 * 2048 ** 3 / (time.perf_counter() - t0)
 
-    rates: dict[str, list[float]] = {"memory": [], "stream": []}
+    paths = {"memory": memory, "stream": streamed, "steps": steps_only}
+    rates: dict[str, list[float]] = {name: [] for name in paths}
     peaks = [mm_peak()]
-    for name in ("memory", "stream", "stream", "memory"):
-        wall, pairs = (memory if name == "memory" else streamed)()
+    for name in ("memory", "stream", "steps", "steps", "stream", "memory"):
+        wall, pairs = paths[name]()
         rates[name].append(pairs / wall)
         peaks.append(mm_peak())
-    return {"rates": rates, "peaks": peaks, "pairs": pairs}
+    return {"rates": rates, "peaks": peaks, "pairs": pairs, "batch": cfg.batch_size}
 
 
 def run_child(*argv) -> dict:
@@ -147,6 +168,8 @@ def main():
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary store goes")
     ap.add_argument("--throughput-pairs", type=int, default=1_000_000, help="pairs per run and kind of the "
                     "throughput comparison (both paths hold or stream the same pairs)")
+    ap.add_argument("--throughput-only", action="store_true", help="write only the 3 runs the throughput rows "
+                    "need and skip the RSS rows (minutes instead of the 20 GB store's ~15)")
     ap.add_argument("--pairs", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("rss", "throughput"), help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -157,9 +180,10 @@ def main():
         print(json.dumps(child_rss(args) if args.child == "rss" else child_throughput(args)))
         return
 
-    sizes = [float(s) for s in args.sizes_gb.split(",")]
+    sizes = [] if args.throughput_only else [float(s) for s in args.sizes_gb.split(",")]
     header("Out-of-core meta-training (scale goal 1)")
-    need = max(sizes) * 1e9 * 1.1
+    store_bytes = int(max(sizes) * 1e9) if sizes else 3 * STAGES * args.run_params * 4  # the throughput runs
+    need = store_bytes * 1.1
     free = shutil.disk_usage(args.dir).free
     print(f"# df {args.dir}: {free / 2**30:.1f} GiB free, the store needs ~{need / 2**30:.1f} GiB", flush=True)
     if free < need:
@@ -167,7 +191,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="know-bench-meta-", dir=args.dir))
     try:
         t0 = time.perf_counter()
-        runs = write_store(work / "meta.zarr", int(max(sizes) * 1e9), args.run_params)
+        runs = write_store(work / "meta.zarr", store_bytes, args.run_params)
         print(f"# wrote {len(runs)} runs x {args.run_params:,} params x {STAGES} stages ({runs[-1][1] / 1e9:.1f} GB) "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         selections = {}
@@ -186,14 +210,15 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    for gb in sizes:
+    for gb in sizes:  # none with --throughput-only
         ratio_line(f"meta_stream_peak_rss_{gb:g}GB_vs_1.5GB", rss[gb]["peak_rss_mb"] / RSS_GOAL_MB, 1.0,
                    f"peak RSS {rss[gb]['peak_rss_mb']:.0f} MB over {rss[gb]['read_bytes'] / 1e9:.1f} GB read",
                    higher_is_better=False)
-    lo, hi = rss[min(sizes)]["peak_rss_mb"], rss[max(sizes)]["peak_rss_mb"]
-    ratio_line(f"meta_stream_peak_rss_{max(sizes):g}GB_vs_{min(sizes):g}GB", hi / lo, 1.10,
-               f"{hi:.0f} vs {lo:.0f} MB: flat means the store size does not enter", higher_is_better=False)
-    mem, st = median(tp["rates"]["memory"]), median(tp["rates"]["stream"])
+    if sizes:
+        lo, hi = rss[min(sizes)]["peak_rss_mb"], rss[max(sizes)]["peak_rss_mb"]
+        ratio_line(f"meta_stream_peak_rss_{max(sizes):g}GB_vs_{min(sizes):g}GB", hi / lo, 1.10,
+                   f"{hi:.0f} vs {lo:.0f} MB: flat means the store size does not enter", higher_is_better=False)
+    mem, st, steps = (median(tp["rates"][k]) for k in ("memory", "stream", "steps"))
     peak = median(tp["peaks"])
     ratio_line("meta_stream_vs_memory_pairs_per_s", st / mem, 0.9,
                f"streamed {st / 1e3:.0f}k vs in-memory {mem / 1e3:.0f}k pair-steps/s ({tp['pairs']:,} conv pairs per epoch, "
@@ -201,6 +226,9 @@ def main():
     ratio_line("meta_stream_flops_vs_mm_peak", st * FLOP_PER_PAIR_STEP / peak, 0.40,
                f"{st * FLOP_PER_PAIR_STEP / 1e9:.2f} GFLOP/s vs torch.mm peak {peak / 1e9:.1f} GFLOP/s (1 thread); "
                f"in-memory path {mem * FLOP_PER_PAIR_STEP / peak:.3f}")
+    ratio_line("meta_steps_only_flops_vs_mm_peak", steps * FLOP_PER_PAIR_STEP / peak, None,
+               f"the Adam steps alone, batch {tp['batch']:,}: {steps / 1e3:.0f}k pair-steps/s, "
+               f"{steps * FLOP_PER_PAIR_STEP / 1e9:.1f} GFLOP/s; the streamed epoch reaches {st / steps:.2f} of it")
     pairs_50 = PAPER_GB * 1e9 / 4 * (STAGES - 5) / STAGES
     ratio_line("meta_stream_epoch_hours_at_50GB", pairs_50 / st / 3600, None,
                f"{pairs_50 / 1e9:.1f} G pairs (every scalar of 50 GB of 8-stage runs) at {st / 1e3:.0f}k pairs/s, 1 thread")
