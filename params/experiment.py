@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from know_core.errors import BadInput
 from know_core.predict import step_for_factor
-from know_core.stats import own_shrink
+from know_core.methods import own_shrink
 
 from .common import ModelFields, OptimizerField, PretrainFields, RunnerFields, check_classes, check_dataset, check_floats, check_learning_rates, check_models, check_one_model
 
@@ -29,7 +29,7 @@ TUNED = {"naive-lr": "naive", "know-lr": "know", "official-lr": "official"}
 
 
 def shrink_of(predictor: str) -> str:
-    """The name of a predictor's own shrink control (the report's rule, know_core.stats.own_shrink)."""
+    """The name of a predictor's own shrink control (the report's rule, know_core.methods.own_shrink)."""
     name = own_shrink(predictor)
     assert name is not None, predictor  # every predictor has one
     return name

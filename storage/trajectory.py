@@ -43,10 +43,9 @@ import json
 import os
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import pandas as pd
 import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.errors import ContainsGroupError
@@ -62,6 +61,9 @@ from know_core.train import AdamState
 from . import lease as _lease
 from .locks import exclusive
 from .records import CheckpointInfo, CheckpointRecord, PredictionInfo, PredictionRecord, RunInfo, RunRecord
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: default chunk length along the parameter axis (16 MiB of float32). Chosen by
 #: benchmarks/bench_store.py: rows write 1.1-1.5x faster than with 1M-value chunks (fewer files
@@ -716,6 +718,8 @@ class TrajectoryStore:
 
     def list_runs(self) -> pd.DataFrame:
         """One row per run (RunRecord.summary: the layout and nested dicts are left out)."""
+        import pandas as pd  # here, not at the top: a prediction process never needs pandas (~40 MB)
+
         return pd.DataFrame([r.summary() for r in self.runs()])
 
     def layout(self, run_id: str) -> list[TensorSpec]:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from know_core import plots, verdict as verdict_module
+from know_core import methods, plots, verdict as verdict_module
 from know_core import stats as report
 from know_core.plots import plot_accuracy_vs_factor, plot_learning_curves
 from know_core.stats import final_accuracy, paired_bootstrap_ci, summarize
@@ -275,7 +275,7 @@ def test_module_docstring_example_runs():
     assert doctest.testmod(report, raise_on_error=False).failed == 0
 
 
-@pytest.mark.parametrize("module", [verdict_module, plots], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [verdict_module, plots, methods], ids=lambda m: m.__name__)
 def test_other_module_docstring_examples_run(module):  # stats: test_module_docstring_example_runs
     res = doctest.testmod(module, raise_on_error=False)
     assert res.attempted > 0 and res.failed == 0

@@ -244,3 +244,13 @@ def test_freed_block_buffers_are_reused_across_threads_after_a_prediction(tmp_pa
             for mode in ("control", "predict")}
     assert kept["control"] >= 40, kept  # six 8 MB buffers kept, one per thread's heap
     assert kept["predict"] < 16, kept  # about one
+
+
+def test_prediction_imports_no_pandas():
+    """A prediction process (the predict task, its settings and the store) does not load
+    pandas: ~40 MB of a 1B-parameter prediction's ~1 GB peak (docs/performance.md)."""
+    code = ("import sys, tasks.predict, params, storage.trajectory, know_core.stream; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout
