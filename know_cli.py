@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         if finished is not None:
             sys.stdout.write(finished + "\n")
             return None
-        server = start_if_needed(argv)  # spawned first: it boots while torch and the flows import
-        if argv[:1] == ["predict"]:  # before any thread allocates (tasks.common.one_heap says why)
-            from tasks.common import one_heap
+        if argv[:1] == ["predict"]:  # before any thread exists: memory stays at one block's (tasks/heap.py)
+            from tasks.heap import one_heap
 
             one_heap()
+        server = start_if_needed(argv)  # spawned first: it boots while torch and the flows import
         if own_process and needs_server(argv):
             import prefect.main  # noqa: F401 - sets up Prefect's logging (the flows need it anyway)
 

@@ -18,7 +18,7 @@ training throughput against the in-memory path and against this machine's matmul
    `--throughput-pairs` per run and kind; the epoch time of B includes reading its blocks):
    A = today's path before streaming (gather every pair in memory, then train_known), B = the
    streamed path (train_known_streamed through the default 4M-pair buffer), C = the Adam steps
-   alone (know_core.meta._step on 64 ready batches: what the epoch rate is capped by); 1 epoch
+   alone (know_core.meta._step on 256 ready batches: what the epoch rate is capped by); 1 epoch
    each, 1 torch thread (what the meta-training task uses), interleaved A B C C B A. Pair-steps/s are
    converted to FLOP/s with 3 x 17,664 FLOP per pair (forward + backward of KNOWN's 8,832
    multiply-adds), against the torch.mm peak measured in the same process at 1 thread.
@@ -125,7 +125,7 @@ def child_throughput(args) -> dict:
 
         model, opt = _new_model(cfg, torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
-        b, n = cfg.batch_size, 64
+        b, n = cfg.batch_size, 256  # ~3 s at 360k pairs/s
         x = 0.05 * torch.randn(n * b, 5, generator=gen).cumsum(1)
         y, s = x[:, -1] + 1e-3 * torch.randn(n * b, generator=gen), torch.ones(b)
         _step(model, opt, x[:b], s, x[:b, -1], y[:b], cfg, n * b, "cpu")  # warm-up

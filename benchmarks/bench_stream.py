@@ -6,9 +6,10 @@
 1. Writes a synthetic --params trajectory (5 stages; conv/fc/bias tensors of a VGG/ResNet-like
    pattern) into a fresh TrajectoryStore under --dir, one stage row at a time, as collection
    does. 100M params = 5 x 400 MB on disk.
-2. Predicts it (KNOW with the official weights, 3 steps) in a subprocess with the pipeline's
-   task, `predict_run.fn`: wall time, CPU time, peak RSS (VmHWM: ru_maxrss would carry the
-   parent's peak over the vfork+exec), peak anonymous memory (RssAnon, sampled: RSS without
+2. Predicts it (KNOW with the official weights, 3 steps) in a subprocess that starts as
+   `know predict` does (tasks.heap.one_heap) and runs the pipeline's task, `predict_run.fn`:
+   wall time, CPU time, peak RSS (VmHWM: ru_maxrss would carry the parent's peak over the
+   vfork+exec), peak anonymous memory (RssAnon, sampled: RSS without
    the mapped library files) and both after imports.
 3. In-memory baseline: a small model (--small-params, same tensor pattern) predicted with one
    `predict_block` call over the whole vector in a subprocess; run before, between and after
@@ -97,6 +98,9 @@ def write_trajectory(store_dir: Path, run_id: str, layout, theta0=None) -> dict:
 
 # ---- subprocess children -------------------------------------------------------------------
 def child_predict(args) -> dict:
+    from tasks.heap import one_heap
+
+    one_heap()  # first, as `know predict` does (tasks/heap.py)
     from params.predict import PredictParams
     from tasks.predict import predict_run
 

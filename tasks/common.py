@@ -1,7 +1,6 @@
-"""Shared task plumbing: thread and allocator settings, retry policy, logging outside a run."""
+"""Shared task plumbing: thread settings, retry policy, logging outside a run."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -41,30 +40,6 @@ def set_torch_threads(threads: int = 1) -> int:
     n = int(os.environ.get("KNOW_TORCH_THREADS", "0")) or (threads if threads > 0 else (os.cpu_count() or 1))
     torch.set_num_threads(n)
     return n
-
-
-#: glibc's mallopt parameter number for the arena limit (malloc.h: M_ARENA_MAX)
-_M_ARENA_MAX = -8
-
-
-def one_heap() -> bool:
-    """Make every thread allocate from one C heap (glibc arena) from now on.
-
-    By default each thread that allocates gets an arena of its own (up to 8 per core), and an
-    arena keeps what is freed in it for its own thread's next allocations. A streamed
-    prediction allocates block-sized buffers from the task's thread, zarr's threads and
-    torch's, so each arena ended up holding about a block it no longer used: the process grew
-    by ~300 MB over its first blocks before it levelled off (1B parameters: 1350 MB peak).
-    With one arena, freed memory is reused by whichever thread asks next, and the peak stays
-    at the first block's (benchmarks/bench_stream.py; docs/performance.md), at the same speed.
-    Process-wide, and only threads that have not allocated yet are affected, so call it
-    before the work starts. Returns False where the C library has no mallopt (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, 1))
 
 
 def run_logger() -> logging.Logger:

@@ -22,7 +22,7 @@ from storage.known_files import file_digest, known_path, load_known_payload
 from storage.records import PredictionInfo, RunRecord
 from storage.trajectory import StoreError, TrajectoryStore, config_hash
 
-from .common import one_heap, retry_unless_bad_input, run_logger, set_torch_threads
+from .common import retry_unless_bad_input, run_logger, set_torch_threads
 
 
 def load_known_source(spec: KnownSource):
@@ -86,7 +86,6 @@ def predictor_config(spec: KnownSource) -> tuple[PredictorConfig, str]:
       task_run_name="predict-{spec.predictor}-{spec.run_id}")
 def predict_run(spec: PredictParams) -> str:
     """Stream the trajectory block by block through the predictor into predictions/<run>/<name>."""
-    one_heap()  # before zarr's and torch's threads allocate: memory stays at one block's
     log = run_logger()
     set_torch_threads(0)  # prediction runs alone: use every core
     store = TrajectoryStore(spec.store)

@@ -157,7 +157,9 @@ def test_predict_on_a_full_disk_exits_2_then_finishes_bit_identical(tmpfs, prefe
 
     first = know(predict, prefect_api)
     line = one_error_line(first)
-    assert line.startswith(f"error: no space left on device writing {store}/predictions/{run_id}/"), line
+    # the first write that does not fit is the predictions group's zarr.json or one under
+    # predictions/<run>/, depending on how the kernel rounds the 16 KiB to pages
+    assert line.startswith(f"error: no space left on device writing {store}/predictions/"), line
     assert line.endswith("free space there or pass another --store"), line
     rec = TrajectoryStore(store).prediction(run_id, "taskvector")
     assert rec is None or not rec.is_complete, rec

@@ -168,9 +168,10 @@ def test_rerun_reuses_every_stage(first):
     assert not stale, f"rewritten on re-run: {stale[:3]}"
     assert (out / "summary.csv").read_bytes() == summary
     assert (out / "results.csv").read_bytes() == results
-    # at this size most of a re-run is Prefect's per-flow overhead (~1 s per subflow); the checks
-    # above are what prove that nothing was recomputed
-    assert seconds < first.seconds, (seconds, first.seconds)
+    # no timing: at this size most of a re-run is Prefect's per-flow overhead, as much as the
+    # first run's work (15.16 vs 15.14 s once on a loaded machine); the checks above are what
+    # prove that nothing was recomputed, and benchmarks/bench_orchestration.py times re-runs
+    print(f"re-run {seconds:.1f} s, first run {first.seconds:.1f} s")
 
 
 def _toml(values: dict) -> str:
