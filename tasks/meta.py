@@ -194,11 +194,12 @@ def known_is_current(spec: MetaTrainParams) -> bool:
     these settings (the main meta-data, either scaling). Reads records and the file only."""
     if not known_path(spec.out).exists():
         return False
-    runs = eligible_runs(TrajectoryStore(spec.store), spec, spec.meta_data)
+    store = TrajectoryStore(spec.store)
+    runs = eligible_runs(store, spec, spec.meta_data)
     train_ids, val_ids = split_by_model(runs, spec)
     have = load_known_payload(spec.out).get("provenance", {}).get("input_hash")
     scalings = ("raw", "minmax") if getattr(spec, "scaling", "auto") == "auto" else (spec.scaling,)
-    streamed = streams(spec, TrajectoryStore(spec.store), train_ids)
+    streamed = streams(spec, store, train_ids)
     return have in {known_input_hash(spec, runs, train_ids, val_ids, s, streamed) for s in scalings}
 
 
